@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch and torchvision must be installed as a matching pair; these are the releases CI uses.
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-slow venv clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: $(VENV)/bin/activate
+	$(PY) -m pip install --quiet $(TORCH_PAIR)
+	touch $@
+
+$(VENV)/.installed-base: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(VENV)/bin/medqm data summary data/demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest
+
+test-slow: $(VENV)/.installed-test
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache

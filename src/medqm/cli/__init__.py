@@ -1,0 +1,127 @@
+"""The `medqm` command line: thin callers of the stages' public functions.
+
+Heavy imports happen inside the commands so `medqm --help` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medqm import __version__
+
+app = typer.Typer(
+    name="medqm",
+    help="MedQM: is a medical image good enough for a multimodal LLM to diagnose from?",
+    no_args_is_help=True,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Image collections: inspect the bundled demo collection or your own.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"medqm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+):
+    """MedQM command line."""
+
+
+@app.command()
+def info(
+    paths: list[Path] = typer.Argument(..., help="Files or folders (walked recursively)."),
+    window: Optional[str] = typer.Option(None, help="Window preset (lung, soft_tissue, bone, brain, …) or CENTER,WIDTH."),
+    axis: str = typer.Option("axial", help="Slicing axis for volumes: axial, coronal or sagittal."),
+    modality: Optional[str] = typer.Option(None, help="Modality for files that carry none (PNG, NIfTI…)."),
+):
+    """Read images and print their metadata; unreadable files are listed with the reason."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medqm.io import ReadFailure, iter_images
+
+    win = _parse_window(window)
+    table = Table("image", "modality", "body part", "size", "bits", "value range", "window", "spacing", "case")
+    failures = []
+    for item in iter_images(paths, window=win, axis=axis, modality=modality):
+        if isinstance(item, ReadFailure):
+            failures.append(item)
+            continue
+        s = item.summary()
+        table.add_row(
+            item.id,
+            s["modality"] or "-",
+            s["body_part"] or "-",
+            f"{s['height']}×{s['width']}×{s['channels']}",
+            str(s["bits_stored"]),
+            f"{s['value_range'][0]:g}…{s['value_range'][1]:g}",
+            "-" if not s["window"] else f"{s['window'][0]:g}/{s['window'][1]:g}",
+            "-" if not s["spacing"] else f"{s['spacing'][0]:.3g}×{s['spacing'][1]:.3g}",
+            s["case_id"] or "-",
+        )
+    console = Console()
+    console.print(table)
+    for f in failures:
+        console.print(f"[red]✗[/red] {f.path}: {f.reason}", highlight=False)
+    if failures and table.row_count == 0:
+        raise typer.Exit(code=1)
+
+
+def _parse_window(window: Optional[str]):
+    if window is None:
+        return None
+    if "," in window:
+        try:
+            center, width = (float(v) for v in window.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"window {window!r}: expected a preset name or CENTER,WIDTH") from None
+        return (center, width)
+    return window
+
+
+@data_app.command("summary")
+def data_summary(
+    root: Optional[Path] = typer.Argument(None, help="Collection folder with manifest.csv (default: the bundled data/demo)."),
+    sheet: Optional[Path] = typer.Option(None, help="Where to write the contact sheet PNG (default: ROOT/contact_sheet.png)."),
+):
+    """Count a collection's images by modality, body part and case, and draw a contact sheet."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medqm.io import MedQMReadError
+    from medqm.io.collection import contact_sheet, default_collection, summarize
+
+    root = root or default_collection()
+    console = Console()
+    try:
+        s = summarize(root)
+    except MedQMReadError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(code=2)
+
+    t = Table("modality", "images", "cases", "lesion-positive", title=f"{root}: {s.n_images} images, {s.n_cases} cases")
+    for mod, c in s.by_modality.items():
+        t.add_row(mod, str(c["images"]), str(c["cases"]), str(c["lesion"]))
+    console.print(t)
+    bp = Table("modality", "body part", "images")
+    for (mod, part), n in s.by_body_part.items():
+        bp.add_row(mod, part, str(n))
+    console.print(bp)
+    if s.missing_files:
+        console.print(f"[red]{len(s.missing_files)} files listed in the manifest are missing[/red], e.g. {s.missing_files[0]}")
+    out = contact_sheet(root, sheet or Path(root) / "contact_sheet.png")
+    console.print(f"contact sheet: {out}")
+    if s.missing_files:
+        raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":
+    app()
