@@ -22,6 +22,15 @@ data_app = typer.Typer(help="Image collections: inspect the bundled demo collect
 app.add_typer(data_app, name="data")
 
 
+def _console():
+    """Rich console; when output is piped or captured, wide enough that tables are not truncated."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"medqm {__version__}")
@@ -43,7 +52,6 @@ def info(
     modality: Optional[str] = typer.Option(None, help="Modality for files that carry none (PNG, NIfTI…)."),
 ):
     """Read images and print their metadata; unreadable files are listed with the reason."""
-    from rich.console import Console
     from rich.table import Table
 
     from medqm.io import ReadFailure, iter_images
@@ -67,7 +75,7 @@ def info(
             "-" if not s["spacing"] else f"{s['spacing'][0]:.3g}×{s['spacing'][1]:.3g}",
             s["case_id"] or "-",
         )
-    console = Console()
+    console = _console()
     console.print(table)
     for f in failures:
         console.print(f"[red]✗[/red] {f.path}: {f.reason}", highlight=False)
@@ -93,14 +101,13 @@ def data_summary(
     sheet: Optional[Path] = typer.Option(None, help="Where to write the contact sheet PNG (default: ROOT/contact_sheet.png)."),
 ):
     """Count a collection's images by modality, body part and case, and draw a contact sheet."""
-    from rich.console import Console
     from rich.table import Table
 
     from medqm.io import MedQMReadError
     from medqm.io.collection import contact_sheet, default_collection, summarize
 
     root = root or default_collection()
-    console = Console()
+    console = _console()
     try:
         s = summarize(root)
     except MedQMReadError as e:
