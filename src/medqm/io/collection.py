@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._image import MedQMReadError
+from ._image import MedImage, MedQMReadError
 from ._reader import read_image
 
 MANIFEST = "manifest.csv"
@@ -96,4 +96,13 @@ def contact_sheet(root: str | Path, out: str | Path, *, per_modality: int = 8, t
     return out
 
 
-__all__ = ["MANIFEST", "load_manifest", "summarize", "contact_sheet", "default_collection", "CollectionSummary"]
+__all__ = ["MANIFEST", "load_manifest", "summarize", "contact_sheet", "default_collection", "CollectionSummary",
+           "read_collection_image"]
+
+
+def read_collection_image(row) -> MedImage:
+    """Read one manifest row as a MedImage carrying the manifest's metadata (PNG files carry none)."""
+    img = read_image(row["abs_path"], modality=row["modality"], case_id=str(row["case_id"]),
+                     body_part=(row.get("body_part") or None))
+    img.meta["id"] = row["id"]
+    return img
