@@ -126,7 +126,7 @@ class Downsample(Distortion):
 class ContrastReduction(Distortion):
     name = "contrast_reduction"
     description = "Contrast compressed towards the mean: x' = mean + k (x - mean) (flat windowing, poor display)."
-    levels = ({"k": 0.8}, {"k": 0.6}, {"k": 0.42}, {"k": 0.28}, {"k": 0.16})
+    levels = ({"k": 0.93}, {"k": 0.8}, {"k": 0.64}, {"k": 0.46}, {"k": 0.28})
 
     def apply(self, pixels, params):
         mean = pixels.mean(axis=(0, 1), keepdims=True)
@@ -145,7 +145,7 @@ class Underexposure(Distortion):
 class Overexposure(Distortion):
     name = "overexposure"
     description = "Too much signal: intensities raised and highlights clipped (x' = min(1, s·x + b)), burning out detail."
-    levels = ({"s": 1.12, "b": 0.02}, {"s": 1.3, "b": 0.05}, {"s": 1.5, "b": 0.1}, {"s": 1.75, "b": 0.16}, {"s": 2.1, "b": 0.22})
+    levels = ({"s": 1.04, "b": 0.01}, {"s": 1.15, "b": 0.04}, {"s": 1.35, "b": 0.08}, {"s": 1.6, "b": 0.14}, {"s": 2.0, "b": 0.2})
 
     def apply(self, pixels, params):
         return pixels * params["s"] + params["b"]

@@ -1,1 +1,349 @@
-"""placeholder"""
+"""MR artifacts: Rician noise, motion, ghosting, spikes, bias field, Gibbs ringing, undersampling aliasing.
+
+A displayed MR slice is the magnitude of a complex image reconstructed from k-space, so the k-space types
+transform the spectrum of the display image (treated as a real, zero-phase magnitude) and show the
+magnitude of the result. Motion, ghosting, spikes and bias field go through TorchIO's deterministic
+transforms (`Motion`, `Ghosting`, `Spike`, `BiasField`) with parameters drawn here from our generator,
+mimicking their ``Random*`` counterparts. Rician noise, Gibbs ringing and Cartesian undersampling have no
+TorchIO transform (its ``RandomNoise`` is Gaussian) and are a few lines of NumPy each.
+
+TorchIO layout of a 2D slice: a 4D tensor (C, X, Y, Z). TorchIO's ``Motion`` fills k-space segments along
+the *last* array axis (Z), so a slice laid out as (1, H, W, 1) would take its whole spectrum from one copy —
+a plain rigid shift, no motion artifact. Here the slice is laid out as (1, H, 1, W): Z carries the phase-
+encoding axis, the in-plane rotation is the Euler angle about Y and translations are along X and Z.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import Distortion
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _uniform(value, rng: np.random.Generator) -> float:
+    """A (low, high) tuple is a range drawn uniformly; a scalar is fixed."""
+    if isinstance(value, tuple):
+        return float(rng.uniform(value[0], value[1]))
+    return float(value)
+
+
+def _integer(value, rng: np.random.Generator) -> int:
+    """A (low, high) tuple is an inclusive integer range; a scalar is fixed."""
+    if isinstance(value, tuple):
+        return int(rng.integers(value[0], value[1] + 1))
+    return int(value)
+
+
+def _magnitude_transform(cls):
+    """Subclass a TorchIO k-space transform so that it returns |ifft| instead of Re(ifft).
+
+    TorchIO's ``Motion``, ``Ghosting`` and ``Spike`` end with ``inv_fourier_transform(spectrum).real``; their
+    modified spectra are not Hermitian, so the real part drops the imaginary half of the artifact and goes
+    negative where a scanner's magnitude image would be bright. Overriding the inverse transform to return
+    the modulus (a real tensor, whose ``.real`` is itself) gives the magnitude reconstruction.
+    """
+
+    class Magnitude(cls):
+        @staticmethod
+        def inv_fourier_transform(tensor):
+            import torch
+
+            return torch.fft.ifftn(torch.fft.ifftshift(tensor)).abs()
+
+    Magnitude.__name__ = Magnitude.__qualname__ = f"Magnitude{cls.__name__}"
+    return Magnitude
+
+
+_TIO_CLASSES: dict[str, type] = {}
+
+
+def _tio(name: str, magnitude: bool = False):
+    key = f"{name}|{magnitude}"
+    if key not in _TIO_CLASSES:
+        import torchio
+
+        cls = getattr(torchio, name)
+        _TIO_CLASSES[key] = _magnitude_transform(cls) if magnitude else cls
+    return _TIO_CLASSES[key]
+
+
+def _run_torchio(transform, volume: np.ndarray) -> np.ndarray:
+    """Apply a TorchIO transform to a (1, X, Y, Z) float32 array and return the transformed array.
+
+    The subject is fresh, so TorchIO's deep copy is skipped (``copy=False`` at construction). TorchIO's
+    ``Transform.__call__`` draws ``torch.rand(1)`` for its probability even when p = 1; the global torch RNG
+    is forked so that applying a distortion never changes a caller's torch random stream.
+    """
+    import torch
+    import torchio
+
+    tensor = torch.tensor(np.ascontiguousarray(volume, dtype=np.float32))
+    subject = torchio.Subject(image=torchio.ScalarImage(tensor=tensor))
+    with torch.random.fork_rng(devices=[]):
+        out = transform(subject)
+    return out["image"].data.numpy().astype(np.float32, copy=False)
+
+
+def _phase_first(pixels: np.ndarray, axis: int) -> np.ndarray:
+    """View with the phase-encoding axis last (axis 1 = columns is the native layout)."""
+    return pixels if axis == 1 else pixels.T
+
+
+def _kspace(pixels: np.ndarray) -> np.ndarray:
+    return np.fft.fftshift(np.fft.fft2(pixels))
+
+
+def _magnitude(spectrum: np.ndarray) -> np.ndarray:
+    return np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum))).astype(np.float32)
+
+
+# --- noise -------------------------------------------------------------------------------------------
+
+
+class RicianNoise(Distortion):
+    family = "mr"
+    modalities = ("MR",)
+    color = False
+    stochastic = True
+    name = "rician_noise"
+    description = (
+        "Thermal noise of a magnitude image: independent Gaussian noise (sigma, display units) on the real and "
+        "imaginary channels, then |x + n1 + i n2| — Rician, with a noise floor of sigma·sqrt(pi/2) in air."
+    )
+    levels = ({"sigma": 0.008}, {"sigma": 0.02}, {"sigma": 0.04}, {"sigma": 0.07}, {"sigma": 0.12})
+
+    def apply(self, pixels, params):
+        rng = np.random.default_rng(int(params["noise_seed"]))
+        sigma = float(params["sigma"])
+        n = rng.normal(0.0, sigma, (2,) + pixels.shape).astype(np.float32)
+        return np.hypot(pixels + n[0], n[1])
+
+
+# --- TorchIO k-space and bias-field transforms -------------------------------------------------------
+
+
+class MRMotion(Distortion):
+    family = "mr"
+    modalities = ("MR",)
+    color = False
+    name = "mr_motion"
+    description = (
+        "Rigid in-plane patient motion during acquisition (TorchIO Motion): k-space segments along the phase-"
+        "encoding axis come from copies rotated by up to ±degrees and shifted by up to ±translation pixels "
+        "(mm at 1 mm spacing); magnitude image."
+    )
+    levels = (
+        {"degrees": 1.0, "translation": 1.0, "num_transforms": 1},
+        {"degrees": 2.5, "translation": 2.5, "num_transforms": 2},
+        {"degrees": 5.0, "translation": 5.0, "num_transforms": 2},
+        {"degrees": 8.0, "translation": 8.0, "num_transforms": 3},
+        {"degrees": 12.0, "translation": 12.0, "num_transforms": 4},
+    )
+
+    def sample(self, level, rng):
+        """As TorchIO's RandomMotion (uniform angles and shifts, evenly spaced times ± 30 % of a step), in-plane."""
+        table = self.level_params(level)
+        n = int(table["num_transforms"])
+        d, t = float(table["degrees"]), float(table["translation"])
+        step = 1.0 / (n + 1)
+        times = np.arange(1, n + 1) * step + rng.uniform(-0.3 * step, 0.3 * step, n)
+        return {
+            **table,
+            "phase_axis": int(rng.integers(0, 2)),
+            "angles": rng.uniform(-d, d, n).round(4).tolist(),
+            "shifts": rng.uniform(-t, t, (n, 2)).round(4).tolist(),
+            "times": times.round(4).tolist(),
+            "image_interpolation": "linear",
+        }
+
+    def apply(self, pixels, params):
+        img = _phase_first(pixels, int(params["phase_axis"]))
+        angles = np.asarray(params["angles"], dtype=float)
+        shifts = np.asarray(params["shifts"], dtype=float).reshape(-1, 2)
+        # (1, X=rows, Y=1, Z=phase-encoding columns): rotate about Y, translate along X and Z only
+        degrees = np.stack([np.zeros_like(angles), angles, np.zeros_like(angles)], axis=1)
+        translation = np.stack([shifts[:, 0], np.zeros(len(shifts)), shifts[:, 1]], axis=1)
+        motion = _tio("Motion", magnitude=True)(
+            degrees=degrees,
+            translation=translation,
+            times=np.asarray(params["times"], dtype=float),
+            image_interpolation=params["image_interpolation"],
+            copy=False,
+        )
+        out = _run_torchio(motion, img[None, :, None, :])[0, :, 0, :]
+        return _phase_first(out, int(params["phase_axis"]))
+
+
+class Ghosting(Distortion):
+    family = "mr"
+    modalities = ("MR",)
+    color = False
+    name = "ghosting"
+    description = (
+        "Periodic ghosting along the phase-encoding axis (pulsation, respiration; TorchIO Ghosting): every "
+        "num_ghosts-th k-space line scaled by (1 − intensity), the central restore fraction kept; magnitude image."
+    )
+    levels = (
+        {"num_ghosts": (2, 4), "intensity": (0.15, 0.25), "restore": 0.02},
+        {"num_ghosts": (2, 4), "intensity": (0.35, 0.45), "restore": 0.02},
+        {"num_ghosts": (2, 4), "intensity": (0.55, 0.65), "restore": 0.02},
+        {"num_ghosts": (2, 4), "intensity": (0.75, 0.85), "restore": 0.02},
+        {"num_ghosts": (2, 4), "intensity": (0.95, 1.0), "restore": 0.02},
+    )
+
+    def sample(self, level, rng):
+        table = self.level_params(level)
+        return {
+            "num_ghosts": _integer(table["num_ghosts"], rng),
+            "axis": int(rng.integers(0, 2)),
+            "intensity": _uniform(table["intensity"], rng),
+            "restore": float(table["restore"]),
+        }
+
+    def apply(self, pixels, params):
+        ghosting = _tio("Ghosting", magnitude=True)(
+            num_ghosts=int(params["num_ghosts"]),
+            axis=int(params["axis"]),
+            intensity=float(params["intensity"]),
+            restore=float(params["restore"]),
+            copy=False,
+        )
+        return _run_torchio(ghosting, pixels[None, :, :, None])[0, :, :, 0]
+
+
+class Spike(Distortion):
+    family = "mr"
+    modalities = ("MR",)
+    color = False
+    name = "spike"
+    description = (
+        "Herringbone (corduroy) stripes from spikes in k-space (TorchIO Spike): num_spikes points at random "
+        "k-space positions raised by intensity × the k-space maximum (stripe amplitude ≈ intensity × image "
+        "mean); magnitude image."
+    )
+    levels = (
+        {"num_spikes": 1, "intensity": (0.08, 0.12)},
+        {"num_spikes": 1, "intensity": (0.2, 0.3)},
+        {"num_spikes": (1, 2), "intensity": (0.4, 0.5)},
+        {"num_spikes": (1, 2), "intensity": (0.7, 0.9)},
+        {"num_spikes": (2, 3), "intensity": (1.2, 1.5)},
+    )
+    # spikes nearer the k-space centre than this (fraction of k-space) would be a smooth shading, not stripes
+    min_radius = 0.05
+
+    def sample(self, level, rng):
+        """Positions uniform in k-space as in TorchIO's RandomSpike (in-plane: Z = 0), away from the centre."""
+        table = self.level_params(level)
+        positions = []
+        for _ in range(_integer(table["num_spikes"], rng)):
+            while True:
+                p = rng.uniform(0.0, 1.0, 2)
+                if np.hypot(*(p - 0.5)) >= self.min_radius:
+                    break
+            positions.append([round(float(p[0]), 4), round(float(p[1]), 4), 0.0])
+        return {"spikes_positions": positions, "intensity": _uniform(table["intensity"], rng)}
+
+    def apply(self, pixels, params):
+        spike = _tio("Spike", magnitude=True)(
+            spikes_positions=np.asarray(params["spikes_positions"], dtype=float).reshape(-1, 3),
+            intensity=float(params["intensity"]),
+            copy=False,
+        )
+        return _run_torchio(spike, pixels[None, :, :, None])[0, :, :, 0]
+
+
+class BiasField(Distortion):
+    family = "mr"
+    modalities = ("MR",)
+    color = False
+    name = "bias_field"
+    description = (
+        "Smooth multiplicative intensity inhomogeneity (receive-coil sensitivity, B1; TorchIO BiasField): "
+        "exp of an in-plane polynomial of given order with coefficients uniform in ±coefficient."
+    )
+    levels = (
+        {"order": 3, "coefficient": 0.1},
+        {"order": 3, "coefficient": 0.2},
+        {"order": 3, "coefficient": 0.35},
+        {"order": 3, "coefficient": 0.5},
+        {"order": 3, "coefficient": 0.7},
+    )
+
+    def sample(self, level, rng):
+        """As TorchIO's RandomBiasField, in TorchIO's coefficient order (x, y, z powers); z terms are 0 in 2D."""
+        table = self.level_params(level)
+        order, c = int(table["order"]), float(table["coefficient"])
+        coefficients = []
+        for x_order in range(order + 1):
+            for y_order in range(order + 1 - x_order):
+                for z_order in range(order + 1 - (x_order + y_order)):
+                    coefficients.append(round(float(rng.uniform(-c, c)), 4) if z_order == 0 else 0.0)
+        return {**table, "coefficients": coefficients}
+
+    def apply(self, pixels, params):
+        bias = _tio("BiasField")(coefficients=list(params["coefficients"]), order=int(params["order"]), copy=False)
+        return _run_torchio(bias, pixels[None, :, :, None])[0, :, :, 0]
+
+
+# --- hand-written k-space truncation and undersampling -----------------------------------------------
+
+
+class GibbsRinging(Distortion):
+    family = "mr"
+    modalities = ("MR",)
+    color = False
+    name = "gibbs_ringing"
+    description = (
+        "Gibbs (truncation) ringing: only the central `keep` fraction of k-space along each axis is acquired "
+        "(hard cutoff, no filter), zero-filled to the matrix; magnitude image."
+    )
+    levels = ({"keep": 0.75}, {"keep": 0.55}, {"keep": 0.4}, {"keep": 0.3}, {"keep": 0.2})
+
+    def apply(self, pixels, params):
+        # TorchIO has no truncation transform (MONAI's GibbsNoise does, but MONAI is not a dependency)
+        spectrum = _kspace(pixels)
+        mask = np.ones(pixels.shape, dtype=bool)
+        for axis, n in enumerate(pixels.shape):
+            keep = max(1, int(round(float(params["keep"]) * n)))
+            lo = n // 2 - keep // 2
+            line = np.zeros(n, dtype=bool)
+            line[lo : lo + keep] = True
+            mask &= line.reshape([-1 if a == axis else 1 for a in range(2)])
+        return _magnitude(np.where(mask, spectrum, 0))
+
+
+class Undersampling(Distortion):
+    family = "mr"
+    modalities = ("MR",)
+    color = False
+    name = "undersampling"
+    description = (
+        "Cartesian undersampling aliasing (parallel-imaging acceleration without unfolding): a fully sampled "
+        "centre (center fraction of lines) plus every R-th phase-encoding line from a random offset, "
+        "zero-filled; magnitude image."
+    )
+    levels = (
+        {"acceleration": 2, "center": 0.08},
+        {"acceleration": 3, "center": 0.08},
+        {"acceleration": 4, "center": 0.08},
+        {"acceleration": 6, "center": 0.08},
+        {"acceleration": 8, "center": 0.08},
+    )
+
+    def sample(self, level, rng):
+        table = self.level_params(level)
+        return {**table, "phase_axis": int(rng.integers(0, 2)), "offset": int(rng.integers(0, int(table["acceleration"])))}
+
+    def apply(self, pixels, params):
+        # the mask is a few index operations; no library ships a plain equispaced-plus-centre mask for 2D arrays
+        img = _phase_first(pixels, int(params["phase_axis"]))
+        n = img.shape[1]
+        r = int(params["acceleration"])
+        lines = np.arange(n) % r == int(params["offset"]) % r
+        n_center = max(1, int(round(float(params["center"]) * n)))
+        lo = n // 2 - n_center // 2
+        lines[lo : lo + n_center] = True
+        out = _magnitude(_kspace(img) * lines[None, :])
+        return _phase_first(out, int(params["phase_axis"]))
