@@ -45,13 +45,13 @@ def test_data_summary_on_a_small_collection(tmp_path):
         Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(root / "images" / f"{i}.png")
         rows.append(f"im{i},{case},{mod},chest,images/{i}.png,{i % 2}")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    r = run("data", "summary", str(root))
+    sheet = tmp_path / "sheet.png"
+    r = run("data", "summary", str(root), "--sheet", str(sheet))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 images, 3 cases" in r.stdout
-    sheet = root / "contact_sheet.png"
     assert sheet.is_file() and Image.open(sheet).size[1] == 3 * 128  # one row per modality
     (root / "images" / "3.png").unlink()
-    r = run("data", "summary", str(root))
+    r = run("data", "summary", str(root), "--sheet", str(sheet))
     assert r.returncode == 1 and "missing" in r.stdout
 
 

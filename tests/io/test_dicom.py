@@ -145,3 +145,11 @@ def test_dicom_without_extension_and_preamble(tmp_path):
     p = tmp_path / "IMG0001"
     shutil.copy(get_testdata_file("CT_small.dcm"), p)
     assert read_image(p).modality == "CT"
+
+
+def test_zero_pixel_spacing_is_unknown_not_zero():
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"), stop_before_pixels=True)
+    im = read_image(get_testdata_file("RG1_UNCR.dcm"))
+    imager = ds.get("ImagerPixelSpacing")
+    expected = (float(imager[0]), float(imager[1])) if imager and float(imager[0]) > 0 else None
+    assert im.spacing == expected

@@ -98,7 +98,7 @@ def _parse_window(window: Optional[str]):
 @data_app.command("summary")
 def data_summary(
     root: Optional[Path] = typer.Argument(None, help="Collection folder with manifest.csv (default: the bundled data/demo)."),
-    sheet: Optional[Path] = typer.Option(None, help="Where to write the contact sheet PNG (default: ROOT/contact_sheet.png)."),
+    sheet: Path = typer.Option(Path("runs/contact_sheet.png"), help="Where to write the contact sheet PNG."),
 ):
     """Count a collection's images by modality, body part and case, and draw a contact sheet."""
     from rich.table import Table
@@ -124,7 +124,7 @@ def data_summary(
     console.print(bp)
     if s.missing_files:
         console.print(f"[red]{len(s.missing_files)} files listed in the manifest are missing[/red], e.g. {s.missing_files[0]}")
-    out = contact_sheet(root, sheet or Path(root) / "contact_sheet.png")
+    out = contact_sheet(root, sheet)
     console.print(f"contact sheet: {out}")
     if s.missing_files:
         raise typer.Exit(code=1)

@@ -115,7 +115,7 @@ class CTLowDose(CTDistortion):
         "Low-dose CT quantum noise: Poisson transmitted counts at I0 incident photons per detector bin and view "
         "(180 parallel views), log, ramp-filtered back-projection of the noise added to the image."
     )
-    levels = ({"I0": 1e6}, {"I0": 2e5}, {"I0": 5e4}, {"I0": 1.5e4}, {"I0": 5e3})
+    levels = ({"I0": 1e6}, {"I0": 3e5}, {"I0": 1e5}, {"I0": 4e4}, {"I0": 1.5e4})
 
     def apply(self, pixels, params):
         _grey(pixels, self.name)
@@ -142,7 +142,7 @@ class CTSparseView(CTDistortion):
         "Sparse-view CT: parallel-beam projections at a few evenly spaced angles over 180° reconstructed by ramp "
         "FBP; the streaks relative to a 180-view scan are added to the image."
     )
-    levels = ({"views": 90}, {"views": 60}, {"views": 40}, {"views": 24}, {"views": 12})
+    levels = ({"views": 150}, {"views": 100}, {"views": 64}, {"views": 40}, {"views": 24})
 
     def apply(self, pixels, params):
         _grey(pixels, self.name)
@@ -183,11 +183,11 @@ class CTMetal(CTDistortion):
         "metal line integrals and photon starvation (Poisson counts at I0) in the sinogram, streaks by ramp FBP."
     )
     levels = (
-        {"n_objects": 1, "radius": (1.5, 2.0), "metal_mu": 4.0, "beam_hardening": 0.05, "I0": 2e5},
-        {"n_objects": 1, "radius": (2.5, 3.0), "metal_mu": 8.0, "beam_hardening": 0.10, "I0": 1e5},
-        {"n_objects": 2, "radius": (3.0, 4.0), "metal_mu": 12.0, "beam_hardening": 0.15, "I0": 5e4},
-        {"n_objects": 2, "radius": (4.0, 5.0), "metal_mu": 18.0, "beam_hardening": 0.20, "I0": 3e4},
-        {"n_objects": 3, "radius": (5.0, 6.0), "metal_mu": 25.0, "beam_hardening": 0.25, "I0": 2e4},
+        {"n_objects": 1, "radius": (3.0, 3.5), "metal_mu": 12.0, "beam_hardening": 0.15, "I0": 2e6},
+        {"n_objects": 1, "radius": (4.0, 4.5), "metal_mu": 15.0, "beam_hardening": 0.20, "I0": 2e6},
+        {"n_objects": 2, "radius": (4.0, 4.5), "metal_mu": 18.0, "beam_hardening": 0.22, "I0": 2e6},
+        {"n_objects": 2, "radius": (5.0, 5.5), "metal_mu": 22.0, "beam_hardening": 0.30, "I0": 2e6},
+        {"n_objects": 3, "radius": (5.0, 6.0), "metal_mu": 28.0, "beam_hardening": 0.30, "I0": 2e6},
     )
 
     def sample(self, level, rng):
@@ -250,11 +250,11 @@ class CTRing(CTDistortion):
         "−log(1+g) over all 180 views; ramp FBP of the offsets (concentric rings) is added to the image."
     )
     levels = (
-        {"n_bad": 2, "gain_error": 0.002},
-        {"n_bad": 4, "gain_error": 0.004},
-        {"n_bad": 6, "gain_error": 0.007},
-        {"n_bad": 9, "gain_error": 0.011},
-        {"n_bad": 12, "gain_error": 0.016},
+        {"n_bad": 6, "gain_error": 0.04},
+        {"n_bad": 10, "gain_error": 0.08},
+        {"n_bad": 16, "gain_error": 0.12},
+        {"n_bad": 24, "gain_error": 0.18},
+        {"n_bad": 32, "gain_error": 0.28},
     )
 
     def sample(self, level, rng):

@@ -130,31 +130,45 @@ class MRMotion(Distortion):
     color = False
     name = "mr_motion"
     description = (
-        "Rigid in-plane patient motion during acquisition (TorchIO Motion): k-space segments along the phase-"
-        "encoding axis come from copies rotated by up to ±degrees and shifted by up to ±translation pixels "
-        "(mm at 1 mm spacing); magnitude image."
+        "Rigid in-plane patient motion during a sequential Cartesian acquisition (TorchIO Motion): the central "
+        "±still fraction of phase-encoding lines is acquired in the reference pose, the outer k-space after "
+        "num_transforms moves of 0.5–1 × degrees rotation and 0.5–1 × translation pixels (mm at 1 mm spacing); "
+        "magnitude image."
     )
     levels = (
-        {"degrees": 1.0, "translation": 1.0, "num_transforms": 1},
-        {"degrees": 2.5, "translation": 2.5, "num_transforms": 2},
-        {"degrees": 5.0, "translation": 5.0, "num_transforms": 2},
-        {"degrees": 8.0, "translation": 8.0, "num_transforms": 3},
-        {"degrees": 12.0, "translation": 12.0, "num_transforms": 4},
+        {"num_transforms": 1, "still": 0.3, "degrees": 2.0, "translation": 2.0},
+        {"num_transforms": 1, "still": 0.2, "degrees": 3.0, "translation": 3.0},
+        {"num_transforms": 2, "still": 0.12, "degrees": 4.0, "translation": 4.0},
+        {"num_transforms": 2, "still": 0.07, "degrees": 6.0, "translation": 6.0},
+        {"num_transforms": 3, "still": 0.04, "degrees": 8.0, "translation": 8.0},
     )
 
     def sample(self, level, rng):
-        """As TorchIO's RandomMotion (uniform angles and shifts, evenly spaced times ± 30 % of a step), in-plane."""
+        """Motion times and poses, in-plane only.
+
+        TorchIO's RandomMotion spaces the times evenly (± 30 % of a step) and draws angles and shifts uniformly
+        in ±range, so how far the nearest pose change lies from the k-space centre — which sets how bad the
+        image is — varies from draw to draw (with 3 moves one often falls on the centre). For calibrated
+        levels the first move falls exactly ``still`` from the centre (a random side) and the others
+        uniformly further out; magnitudes are 0.5–1 × the level's range with random sign and direction.
+        """
         table = self.level_params(level)
-        n = int(table["num_transforms"])
+        n, h = int(table["num_transforms"]), float(table["still"])
         d, t = float(table["degrees"]), float(table["translation"])
-        step = 1.0 / (n + 1)
-        times = np.arange(1, n + 1) * step + rng.uniform(-0.3 * step, 0.3 * step, n)
+        times = [0.5 + h * rng.choice([-1.0, 1.0])]
+        for _ in range(n - 1):
+            u = rng.uniform(0.0, 1.0 - 2 * h)  # uniform over [0, 0.5 - h) ∪ (0.5 + h, 1)
+            times.append(u if u < 0.5 - h else u + 2 * h)
+        angles = rng.choice([-1.0, 1.0], n) * rng.uniform(0.5 * d, d, n)
+        direction = rng.uniform(0.0, 2 * np.pi, n)
+        length = rng.uniform(0.5 * t, t, n)
+        shifts = np.stack([length * np.cos(direction), length * np.sin(direction)], axis=1)
         return {
             **table,
             "phase_axis": int(rng.integers(0, 2)),
-            "angles": rng.uniform(-d, d, n).round(4).tolist(),
-            "shifts": rng.uniform(-t, t, (n, 2)).round(4).tolist(),
-            "times": times.round(4).tolist(),
+            "times": np.sort(times).round(4).tolist(),
+            "angles": angles.round(4).tolist(),
+            "shifts": shifts.round(4).tolist(),
             "image_interpolation": "linear",
         }
 

@@ -90,6 +90,18 @@ def _ensure_transfer_syntax(ds) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+def _spacing(ds, frame: int) -> tuple[float, float] | None:
+    """(row, column) spacing in mm: Pixel Spacing, else Imager Pixel Spacing; zero or malformed means unknown."""
+    for value in (_frame_attr(ds, "PixelSpacing", frame), ds.get("ImagerPixelSpacing")):
+        try:
+            row, col = float(value[0]), float(value[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if row > 0 and col > 0:
+            return (row, col)
+    return None
+
+
 def _check_dataset(ds, path: Path, max_pixels: int) -> int:
     """Refuse non-image objects and absurd sizes before any pixel data is decoded; returns the frame count."""
     if not any(tag in ds for tag in _PIXEL_TAGS):
@@ -227,7 +239,7 @@ def read_dicom(
             raise MedQMReadError(path, f"cannot decode pixel data of frame {frame} ({type(e).__name__}: {e})") from e
         if not np.isfinite(pixels).all():
             raise MedQMReadError(path, "pixel data contains NaN or infinite values")
-        spacing = _frame_attr(ds, "PixelSpacing", frame) or ds.get("ImagerPixelSpacing")
+        spacing = _spacing(ds, frame)
         images.append(
             MedImage(
                 pixels=np.ascontiguousarray(pixels, dtype=np.float32),
@@ -238,7 +250,7 @@ def read_dicom(
                 bits_stored=bits,
                 value_range=value_range,
                 window=used,
-                spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+                spacing=spacing,
                 index=frame if frames > 1 else None,
                 case_id=case,
                 meta={

@@ -70,7 +70,11 @@ def _tiff_array(path: Path, max_pixels: int) -> np.ndarray:
     except MedQMReadError:
         raise
     except Exception as e:
-        raise MedQMReadError(path, f"unreadable TIFF ({type(e).__name__}: {e})") from e
+        # tifffile needs imagecodecs for JPEG-compressed tiles (e.g. Aperio SVS); Pillow decodes many of those
+        try:
+            return _pillow_array(path, max_pixels)
+        except MedQMReadError:
+            raise MedQMReadError(path, f"unreadable TIFF ({type(e).__name__}: {e})") from e
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):  # planar (C, H, W)
         arr = np.moveaxis(arr, 0, -1)
     return arr
