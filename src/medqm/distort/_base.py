@@ -116,7 +116,9 @@ class Distortion:
         pixels = image.pixels if isinstance(image, MedImage) else np.asarray(image, dtype=np.float32)
         if not force:
             self.check(image if isinstance(image, MedImage) else None, pixels=pixels)
-        rng = np.random.default_rng([int(seed), int(level), _stable_hash(self.name)])
+        # the level is deliberately not in the seed: one seed gives the same random shape (angles, positions,
+        # signs) at every level, so severity changes only by the level table's magnitudes
+        rng = np.random.default_rng([int(seed), _stable_hash(self.name)])
         params = self.sample(level, rng)
         out = self.replay(pixels, params)
         return DistortionResult(out, self.name, int(level), int(seed), params)

@@ -10,6 +10,11 @@ A radon → FBP round trip is not lossless (interpolation blur, view aliasing), 
 reconstruction itself: each adds the *artifact* — FBP(corrupted sinogram) − FBP(ideal sinogram), which
 by linearity of FBP is FBP(corrupted − ideal) — to the original image. The original is the noise-free,
 fully sampled scan; the output is what the same scan looks like with the defect.
+
+Pixels at the display floor or ceiling (exactly 0 or 1) are clipped by the display window — air under a
+soft-tissue window, bone under a brain window, black padding — so their true value lies well outside it.
+They are taken to sit ``CLIP_MARGIN`` (one window width) beyond the edge before the artifact is added, so
+only an artifact stronger than that (metal streaks) shows in them, as on a real windowed scan.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ._base import Distortion, DistortionNotApplicable
 N_VIEWS = 180  # reference geometry: parallel beam, 1° steps over 180°
 PATH_ATTENUATION = 10.0  # line integral across the full image width at display value 1 above air
 WATER_DISPLAY = 0.5  # display value (above air) taken as water, for metal densities in water units
+CLIP_MARGIN = 1.0  # how far beyond the window (display units) a clipped pixel is taken to lie
 
 
 def _theta(n_views: int) -> np.ndarray:
@@ -33,7 +39,7 @@ def _mu_per_pixel(size: int) -> float:
 
 
 def _to_square(pixels: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """Zero-pad (air) to a square so the rotation centre is the image centre; return the crop back."""
+    """Zero-pad to a square so the rotation centre is the image centre; return the crop back."""
     h, w = pixels.shape
     s = max(h, w)
     top, left = (s - h) // 2, (s - w) // 2
@@ -90,6 +96,18 @@ def _log_counts(counts: np.ndarray, i0: float) -> np.ndarray:
     return -np.log(np.maximum(counts, 1.0) / i0)
 
 
+def _add_artifact(pixels: np.ndarray, artifact: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """pixels + artifact, with clipped pixels (0 or 1; except where ``keep``) first pushed CLIP_MARGIN outward."""
+    base = pixels.astype(np.float32).copy()
+    low, high = pixels <= 0.0, pixels >= 1.0
+    if keep is not None:
+        low &= ~keep
+        high &= ~keep
+    base[low] -= CLIP_MARGIN
+    base[high] += CLIP_MARGIN
+    return base + artifact.astype(np.float32)
+
+
 def _grey(pixels: np.ndarray, name: str) -> None:
     if pixels.ndim != 2:
         raise DistortionNotApplicable(f"distortion {name!r} simulates a CT sinogram; it needs a grayscale image")
@@ -119,15 +137,15 @@ class CTLowDose(CTDistortion):
 
     def apply(self, pixels, params):
         _grey(pixels, self.name)
-        sq, crop = _to_square(pixels)
-        size = sq.shape[0]
+        att, crop = _to_square(_attenuation(pixels))
+        size = att.shape[0]
         mu = _mu_per_pixel(size)
         theta = _theta(N_VIEWS)
-        p = radon(_attenuation(sq), theta).astype(np.float64) * mu
+        p = radon(att, theta).astype(np.float64) * mu
         i0 = float(params["I0"])
         counts = np.random.default_rng(int(params["noise_seed"])).poisson(i0 * np.exp(-p))
         noise = fbp(_log_counts(counts, i0) - p, theta, size) / mu
-        return pixels + noise[crop].astype(np.float32)
+        return _add_artifact(pixels, noise[crop])
 
 
 class CTSparseView(CTDistortion):
@@ -146,12 +164,11 @@ class CTSparseView(CTDistortion):
 
     def apply(self, pixels, params):
         _grey(pixels, self.name)
-        sq, crop = _to_square(pixels)
-        size = sq.shape[0]
-        att = _attenuation(sq)
+        att, crop = _to_square(_attenuation(pixels))
+        size = att.shape[0]
         full, sparse = _theta(N_VIEWS), _theta(params["views"])
         streaks = fbp(radon(att, sparse), sparse, size) - fbp(radon(att, full), full, size)
-        return pixels + streaks[crop].astype(np.float32)
+        return _add_artifact(pixels, streaks[crop])
 
 
 def _disc_projection(n_bins: int, theta: np.ndarray, row: float, col: float, radius: float, centre: int) -> np.ndarray:
@@ -184,10 +201,10 @@ class CTMetal(CTDistortion):
     )
     levels = (
         {"n_objects": 1, "radius": (3.0, 3.5), "metal_mu": 12.0, "beam_hardening": 0.15, "I0": 2e6},
-        {"n_objects": 1, "radius": (4.0, 4.5), "metal_mu": 15.0, "beam_hardening": 0.20, "I0": 2e6},
-        {"n_objects": 2, "radius": (4.0, 4.5), "metal_mu": 18.0, "beam_hardening": 0.22, "I0": 2e6},
-        {"n_objects": 2, "radius": (5.0, 5.5), "metal_mu": 22.0, "beam_hardening": 0.30, "I0": 2e6},
-        {"n_objects": 3, "radius": (5.0, 6.0), "metal_mu": 28.0, "beam_hardening": 0.30, "I0": 2e6},
+        {"n_objects": 1, "radius": (4.5, 5.0), "metal_mu": 18.0, "beam_hardening": 0.25, "I0": 2e6},
+        {"n_objects": 2, "radius": (4.5, 5.0), "metal_mu": 20.0, "beam_hardening": 0.25, "I0": 2e6},
+        {"n_objects": 2, "radius": (5.0, 5.5), "metal_mu": 25.0, "beam_hardening": 0.30, "I0": 2e6},
+        {"n_objects": 3, "radius": (5.5, 6.0), "metal_mu": 30.0, "beam_hardening": 0.35, "I0": 2e6},
     )
 
     def sample(self, level, rng):
@@ -214,66 +231,72 @@ class CTMetal(CTDistortion):
     def apply(self, pixels, params):
         _grey(pixels, self.name)
         sq, crop = _to_square(pixels)
+        att = _to_square(_attenuation(pixels))[0]
         size = sq.shape[0]
         mu = _mu_per_pixel(size)
-        att = _attenuation(sq)
         theta = _theta(N_VIEWS)
         p = radon(att, theta).astype(np.float64) * mu
         radius = float(params["radius"])
         metal_mu = float(params["metal_mu"]) * WATER_DISPLAY * mu  # per pixel
         q = np.zeros_like(p)
         painted = sq.copy()
+        metal = np.zeros(sq.shape, bool)
         yy, xx = np.mgrid[:size, :size]
         for row, col in self._centres(att, params["sites"], radius):
             q += _disc_projection(p.shape[0], theta, row, col, radius, size // 2) * metal_mu
             disc = (yy - row) ** 2 + (xx - col) ** 2 <= radius**2
             painted[disc] = sq[disc] + float(params["metal_mu"]) * WATER_DISPLAY
+            metal |= disc
         hardened = q / (1.0 + float(params["beam_hardening"]) * q)
         i0 = float(params["I0"])
         counts = np.random.default_rng(int(params["noise_seed"])).poisson(i0 * np.exp(-(p + hardened)))
         artifact = fbp(_log_counts(counts, i0) - (p + q), theta, size) / mu
-        return (painted + artifact.astype(np.float32))[crop]
+        return _add_artifact(painted[crop], artifact[crop], keep=metal[crop])
 
 
 class CTRing(CTDistortion):
     """Ring artifact: miscalibrated detector elements.
 
-    A detector element whose gain is off by g reads −log(1 + g) too much on every view, so its sinogram
-    row carries a constant offset; FBP turns it into a circle about the rotation centre. `sample` draws the
-    elements (signed distance from the centre bin, as a fraction of the half-width) and their gain errors
-    (± gain_error × U(0.5, 1)); the output is the image plus FBP of the offsets alone.
+    A detector element whose gain is off by g (counts × (1 + g)) reads line integrals off by −log(1 + g) on
+    every view. Over a full 360°
+    rotation it measures the lines at distance r from the centre from both sides, so in the 180° parallel
+    sinogram its error sits at bins ±r (half on each) on every view, and FBP turns it into a full circle of
+    radius r about the rotation centre. `sample` draws the elements (r as a fraction of the half-width) and
+    their gain errors (± gain_error × U(0.5, 1)); the output is the image plus FBP of the offsets alone.
     """
 
     name = "ct_ring"
     description = (
-        "CT ring artifact: detector elements with gain errors (fraction) give constant sinogram-row offsets "
-        "−log(1+g) over all 180 views; ramp FBP of the offsets (concentric rings) is added to the image."
+        "CT ring artifact: detector elements with fractional gain errors g give constant sinogram-row offsets "
+        "−log(1+g) over all views of a 360° rotation; ramp FBP of the offsets (concentric rings) is added to the image."
     )
     levels = (
-        {"n_bad": 6, "gain_error": 0.04},
         {"n_bad": 10, "gain_error": 0.08},
         {"n_bad": 16, "gain_error": 0.12},
         {"n_bad": 24, "gain_error": 0.18},
-        {"n_bad": 32, "gain_error": 0.28},
+        {"n_bad": 32, "gain_error": 0.25},
+        {"n_bad": 48, "gain_error": 0.32},
     )
 
     def sample(self, level, rng):
         params = self.level_params(level)
         n = int(params["n_bad"])
-        params["positions"] = [float(v) for v in rng.uniform(-0.9, 0.9, n)]
+        params["radii"] = [float(v) for v in rng.uniform(0.02, 0.9, n)]
         sign = rng.choice([-1.0, 1.0], n)
         params["gains"] = [float(v) for v in sign * rng.uniform(0.5, 1.0, n) * params["gain_error"]]
         return params
 
     def apply(self, pixels, params):
         _grey(pixels, self.name)
-        sq, crop = _to_square(pixels)
-        size = sq.shape[0]
+        size = max(pixels.shape)
+        crop = _to_square(pixels)[1]
         theta = _theta(N_VIEWS)
         n_bins = int(np.ceil(np.sqrt(2) * size))  # skimage's circle=False sinogram height
+        centre = n_bins // 2
         offsets = np.zeros(n_bins)
-        for pos, gain in zip(params["positions"], params["gains"]):
-            b = int(np.clip(n_bins // 2 + round(pos * size / 2), 0, n_bins - 1))
-            offsets[b] += -np.log1p(gain)
+        for radius, gain in zip(params["radii"], params["gains"]):
+            r = int(min(round(radius * size / 2), centre - 1))
+            offsets[centre + r] += -0.5 * np.log1p(gain)  # the element's two conjugate views of each line
+            offsets[centre - r] += -0.5 * np.log1p(gain)
         rings = fbp(np.repeat(offsets[:, None], len(theta), axis=1), theta, size) / _mu_per_pixel(size)
-        return pixels + rings[crop].astype(np.float32)
+        return _add_artifact(pixels, rings[crop])

@@ -86,8 +86,8 @@ def _run_torchio(transform, volume: np.ndarray) -> np.ndarray:
     return out["image"].data.numpy().astype(np.float32, copy=False)
 
 
-def _phase_first(pixels: np.ndarray, axis: int) -> np.ndarray:
-    """View with the phase-encoding axis last (axis 1 = columns is the native layout)."""
+def _phase_last(pixels: np.ndarray, axis: int) -> np.ndarray:
+    """View with the phase-encoding axis last: axis 1 (columns) as is, axis 0 (rows) transposed; an involution."""
     return pixels if axis == 1 else pixels.T
 
 
@@ -112,7 +112,7 @@ class RicianNoise(Distortion):
         "Thermal noise of a magnitude image: independent Gaussian noise (sigma, display units) on the real and "
         "imaginary channels, then |x + n1 + i n2| — Rician, with a noise floor of sigma·sqrt(pi/2) in air."
     )
-    levels = ({"sigma": 0.008}, {"sigma": 0.02}, {"sigma": 0.04}, {"sigma": 0.07}, {"sigma": 0.12})
+    levels = ({"sigma": 0.005}, {"sigma": 0.012}, {"sigma": 0.022}, {"sigma": 0.038}, {"sigma": 0.065})
 
     def apply(self, pixels, params):
         rng = np.random.default_rng(int(params["noise_seed"]))
@@ -130,38 +130,40 @@ class MRMotion(Distortion):
     color = False
     name = "mr_motion"
     description = (
-        "Rigid in-plane patient motion during a sequential Cartesian acquisition (TorchIO Motion): the central "
-        "±still fraction of phase-encoding lines is acquired in the reference pose, the outer k-space after "
-        "num_transforms moves of 0.5–1 × degrees rotation and 0.5–1 × translation pixels (mm at 1 mm spacing); "
-        "magnitude image."
+        "Rigid in-plane patient motion during a sequential Cartesian acquisition (TorchIO Motion): still in the "
+        "reference pose until `still` (fraction of k-space) past the centre line, then num_transforms moves of "
+        "0.75–1 × degrees rotation and 0.75–1 × translation pixels (mm at 1 mm spacing); magnitude image."
     )
     levels = (
-        {"num_transforms": 1, "still": 0.3, "degrees": 2.0, "translation": 2.0},
-        {"num_transforms": 1, "still": 0.2, "degrees": 3.0, "translation": 3.0},
-        {"num_transforms": 2, "still": 0.12, "degrees": 4.0, "translation": 4.0},
-        {"num_transforms": 2, "still": 0.07, "degrees": 6.0, "translation": 6.0},
-        {"num_transforms": 3, "still": 0.04, "degrees": 8.0, "translation": 8.0},
+        {"num_transforms": 1, "still": 0.1, "degrees": 4.0, "translation": 4.0},
+        {"num_transforms": 2, "still": 0.05, "degrees": 6.0, "translation": 6.0},
+        {"num_transforms": 2, "still": 0.03, "degrees": 8.0, "translation": 8.0},
+        {"num_transforms": 3, "still": 0.01, "degrees": 12.0, "translation": 12.0},
+        {"num_transforms": 6, "still": 0.0, "degrees": 20.0, "translation": 20.0},
     )
 
     def sample(self, level, rng):
         """Motion times and poses, in-plane only.
 
         TorchIO's RandomMotion spaces the times evenly (± 30 % of a step) and draws angles and shifts uniformly
-        in ±range, so how far the nearest pose change lies from the k-space centre — which sets how bad the
-        image is — varies from draw to draw (with 3 moves one often falls on the centre). For calibrated
-        levels the first move falls exactly ``still`` from the centre (a random side) and the others
-        uniformly further out; magnitudes are 0.5–1 × the level's range with random sign and direction.
+        in ±range, so how much of k-space, and how close to its centre, comes from moved poses — which sets how
+        bad the image is — varies widely between draws (with 3 moves one often falls on the centre). For
+        calibrated levels the patient holds still until ``still`` (fraction of k-space) past the centre line,
+        then makes num_transforms moves evenly spaced (± 30 % of a step) over the rest of the acquisition; a
+        random half of the draws run the acquisition backwards. Magnitudes are 0.75–1 × the level's range, with
+        random rotation sign and translation direction.
         """
         table = self.level_params(level)
         n, h = int(table["num_transforms"]), float(table["still"])
         d, t = float(table["degrees"]), float(table["translation"])
-        times = [0.5 + h * rng.choice([-1.0, 1.0])]
-        for _ in range(n - 1):
-            u = rng.uniform(0.0, 1.0 - 2 * h)  # uniform over [0, 0.5 - h) ∪ (0.5 + h, 1)
-            times.append(u if u < 0.5 - h else u + 2 * h)
-        angles = rng.choice([-1.0, 1.0], n) * rng.uniform(0.5 * d, d, n)
+        step = (0.5 - h) / n
+        times = 0.5 + h + step * np.arange(n)
+        times[1:] += rng.uniform(-0.3 * step, 0.3 * step, n - 1)
+        if rng.integers(0, 2):
+            times = 1.0 - times
+        angles = rng.choice([-1.0, 1.0], n) * rng.uniform(0.75 * d, d, n)
         direction = rng.uniform(0.0, 2 * np.pi, n)
-        length = rng.uniform(0.5 * t, t, n)
+        length = rng.uniform(0.75 * t, t, n)
         shifts = np.stack([length * np.cos(direction), length * np.sin(direction)], axis=1)
         return {
             **table,
@@ -173,7 +175,7 @@ class MRMotion(Distortion):
         }
 
     def apply(self, pixels, params):
-        img = _phase_first(pixels, int(params["phase_axis"]))
+        img = _phase_last(pixels, int(params["phase_axis"]))
         angles = np.asarray(params["angles"], dtype=float)
         shifts = np.asarray(params["shifts"], dtype=float).reshape(-1, 2)
         # (1, X=rows, Y=1, Z=phase-encoding columns): rotate about Y, translate along X and Z only
@@ -187,7 +189,7 @@ class MRMotion(Distortion):
             copy=False,
         )
         out = _run_torchio(motion, img[None, :, None, :])[0, :, 0, :]
-        return _phase_first(out, int(params["phase_axis"]))
+        return _phase_last(out, int(params["phase_axis"]))
 
 
 class Ghosting(Distortion):
@@ -196,22 +198,26 @@ class Ghosting(Distortion):
     color = False
     name = "ghosting"
     description = (
-        "Periodic ghosting along the phase-encoding axis (pulsation, respiration; TorchIO Ghosting): every "
-        "num_ghosts-th k-space line scaled by (1 − intensity), the central restore fraction kept; magnitude image."
+        "Periodic ghosting along the phase-encoding axis (pulsation, respiration, odd/even-echo mismatch; "
+        "TorchIO Ghosting): every num_ghosts-th k-space line scaled by (1 − intensity), the central restore "
+        "fraction kept; magnitude image. Ghosts at FOV/num_ghosts; intensity 1 makes a ghost as bright as the "
+        "dimmed object."
     )
+    # num_ghosts is fixed at 2 (the N/2 ghost): drawn from 2–4 as in RandomGhosting, the ghost count moves
+    # SSIM as much as two levels of intensity do, and the levels would no longer be ordered.
     levels = (
-        {"num_ghosts": (2, 4), "intensity": (0.15, 0.25), "restore": 0.02},
-        {"num_ghosts": (2, 4), "intensity": (0.35, 0.45), "restore": 0.02},
-        {"num_ghosts": (2, 4), "intensity": (0.55, 0.65), "restore": 0.02},
-        {"num_ghosts": (2, 4), "intensity": (0.75, 0.85), "restore": 0.02},
-        {"num_ghosts": (2, 4), "intensity": (0.95, 1.0), "restore": 0.02},
+        {"num_ghosts": 2, "intensity": (0.12, 0.16), "restore": 0.02},
+        {"num_ghosts": 2, "intensity": (0.28, 0.34), "restore": 0.02},
+        {"num_ghosts": 2, "intensity": (0.48, 0.54), "restore": 0.02},
+        {"num_ghosts": 2, "intensity": (0.68, 0.74), "restore": 0.02},
+        {"num_ghosts": 2, "intensity": (0.95, 1.0), "restore": 0.02},
     )
 
     def sample(self, level, rng):
         table = self.level_params(level)
         return {
             "num_ghosts": _integer(table["num_ghosts"], rng),
-            "axis": int(rng.integers(0, 2)),
+            "phase_axis": int(rng.integers(0, 2)),
             "intensity": _uniform(table["intensity"], rng),
             "restore": float(table["restore"]),
         }
@@ -219,7 +225,7 @@ class Ghosting(Distortion):
     def apply(self, pixels, params):
         ghosting = _tio("Ghosting", magnitude=True)(
             num_ghosts=int(params["num_ghosts"]),
-            axis=int(params["axis"]),
+            axis=int(params["phase_axis"]),  # TorchIO's channel-less tensor is (H, W, 1): 0 rows, 1 columns
             intensity=float(params["intensity"]),
             restore=float(params["restore"]),
             copy=False,
@@ -238,11 +244,11 @@ class Spike(Distortion):
         "mean); magnitude image."
     )
     levels = (
-        {"num_spikes": 1, "intensity": (0.08, 0.12)},
-        {"num_spikes": 1, "intensity": (0.2, 0.3)},
-        {"num_spikes": (1, 2), "intensity": (0.4, 0.5)},
-        {"num_spikes": (1, 2), "intensity": (0.7, 0.9)},
-        {"num_spikes": (2, 3), "intensity": (1.2, 1.5)},
+        {"num_spikes": 1, "intensity": (0.025, 0.035)},
+        {"num_spikes": 1, "intensity": (0.05, 0.07)},
+        {"num_spikes": 1, "intensity": (0.1, 0.14)},
+        {"num_spikes": (1, 2), "intensity": (0.18, 0.22)},
+        {"num_spikes": 2, "intensity": (0.3, 0.35)},
     )
     # spikes nearer the k-space centre than this (fraction of k-space) would be a smooth shading, not stripes
     min_radius = 0.05
@@ -274,27 +280,46 @@ class BiasField(Distortion):
     color = False
     name = "bias_field"
     description = (
-        "Smooth multiplicative intensity inhomogeneity (receive-coil sensitivity, B1; TorchIO BiasField): "
-        "exp of an in-plane polynomial of given order with coefficients uniform in ±coefficient."
+        "Smooth multiplicative intensity inhomogeneity (receive-coil sensitivity, B1; TorchIO BiasField): exp of "
+        "a random in-plane polynomial of given order, zero-mean in log and spanning `log_range` (a max/min gain "
+        "ratio of e^log_range) over the central disc of radius 0.8 half-FOV."
     )
     levels = (
-        {"order": 3, "coefficient": 0.1},
-        {"order": 3, "coefficient": 0.2},
-        {"order": 3, "coefficient": 0.35},
-        {"order": 3, "coefficient": 0.5},
-        {"order": 3, "coefficient": 0.7},
+        {"order": 3, "log_range": 0.5},
+        {"order": 3, "log_range": 1.0},
+        {"order": 3, "log_range": 1.7},
+        {"order": 3, "log_range": 2.6},
+        {"order": 3, "log_range": 3.8},
     )
 
     def sample(self, level, rng):
-        """As TorchIO's RandomBiasField, in TorchIO's coefficient order (x, y, z powers); z terms are 0 in 2D."""
+        """Coefficients in TorchIO's (x, y, z power) order, z terms 0 in 2D, rescaled to the level's strength.
+
+        RandomBiasField draws every coefficient uniformly in ±c, so the span of the field varies several-fold
+        between draws and a level's severity would be mostly luck. Here linear terms are uniform in ±1,
+        quadratic ones in ±1/3 and cubic ones in ±1/9 (smooth, coil-like profiles; equal weights give wiggly
+        cubics whose effect depends on where the wiggles fall), then the whole field is scaled so that over the
+        central disc it has zero mean and spans exactly ``log_range``.
+        """
         table = self.level_params(level)
-        order, c = int(table["order"]), float(table["coefficient"])
-        coefficients = []
+        order = int(table["order"])
+        g = np.linspace(-1.0, 1.0, 65)  # TorchIO normalises each axis to [-1, 1]
+        gx, gy = np.meshgrid(g, g, indexing="ij")
+        coefficients, field = [], np.zeros_like(gx)
         for x_order in range(order + 1):
             for y_order in range(order + 1 - x_order):
                 for z_order in range(order + 1 - (x_order + y_order)):
-                    coefficients.append(round(float(rng.uniform(-c, c)), 4) if z_order == 0 else 0.0)
-        return {**table, "coefficients": coefficients}
+                    if z_order > 0:  # the slice has a single z, where TorchIO's z mesh is 0
+                        coefficients.append(0.0)
+                        continue
+                    c = float(rng.uniform(-1.0, 1.0)) / 3.0 ** max(0, x_order + y_order - 1)
+                    coefficients.append(c)
+                    field += c * gx**x_order * gy**y_order
+        disc = gx**2 + gy**2 <= 0.8**2  # where the anatomy usually is; a cubic's extremes sit in the corners
+        scale = float(table["log_range"]) / max(float(np.ptp(field[disc])), 1e-6)
+        coefficients = [c * scale for c in coefficients]
+        coefficients[0] -= float(field[disc].mean()) * scale  # term 0 is the constant: zero-mean log field
+        return {**table, "coefficients": [round(c, 6) for c in coefficients]}
 
     def apply(self, pixels, params):
         bias = _tio("BiasField")(coefficients=list(params["coefficients"]), order=int(params["order"]), copy=False)
@@ -313,7 +338,7 @@ class GibbsRinging(Distortion):
         "Gibbs (truncation) ringing: only the central `keep` fraction of k-space along each axis is acquired "
         "(hard cutoff, no filter), zero-filled to the matrix; magnitude image."
     )
-    levels = ({"keep": 0.75}, {"keep": 0.55}, {"keep": 0.4}, {"keep": 0.3}, {"keep": 0.2})
+    levels = ({"keep": 0.55}, {"keep": 0.4}, {"keep": 0.28}, {"keep": 0.19}, {"keep": 0.12})
 
     def apply(self, pixels, params):
         # TorchIO has no truncation transform (MONAI's GibbsNoise does, but MONAI is not a dependency)
@@ -339,11 +364,11 @@ class Undersampling(Distortion):
         "zero-filled; magnitude image."
     )
     levels = (
-        {"acceleration": 2, "center": 0.08},
-        {"acceleration": 3, "center": 0.08},
-        {"acceleration": 4, "center": 0.08},
-        {"acceleration": 6, "center": 0.08},
-        {"acceleration": 8, "center": 0.08},
+        {"acceleration": 2, "center": 0.32},
+        {"acceleration": 2, "center": 0.14},
+        {"acceleration": 3, "center": 0.07},
+        {"acceleration": 4, "center": 0.04},
+        {"acceleration": 8, "center": 0.02},
     )
 
     def sample(self, level, rng):
@@ -352,7 +377,7 @@ class Undersampling(Distortion):
 
     def apply(self, pixels, params):
         # the mask is a few index operations; no library ships a plain equispaced-plus-centre mask for 2D arrays
-        img = _phase_first(pixels, int(params["phase_axis"]))
+        img = _phase_last(pixels, int(params["phase_axis"]))
         n = img.shape[1]
         r = int(params["acceleration"])
         lines = np.arange(n) % r == int(params["offset"]) % r
@@ -360,4 +385,4 @@ class Undersampling(Distortion):
         lo = n // 2 - n_center // 2
         lines[lo : lo + n_center] = True
         out = _magnitude(_kspace(img) * lines[None, :])
-        return _phase_first(out, int(params["phase_axis"]))
+        return _phase_last(out, int(params["phase_axis"]))
