@@ -12,10 +12,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medqm.distort import create_distortion, list_distortions
-from medqm.distort.calibration import reference_sample
-from medqm.io.collection import default_collection
+from medqm.io.collection import default_collection, load_manifest, read_collection_image
 
 LEVELS = (1, 3, 5)
+# one typical image per modality, by id prefix; lesion-positive slices preferred where there are any
+REFERENCES = {"CT": "ct-lung1", "MR": "mr-brain1", "XR": "xr-chest", "US": "us-echo-clip", "NM": "nm-bonescan",
+              "PATH": "path-tia-he", "FUNDUS": "fundus-normal"}
+
+
+def pick_references():
+    df = load_manifest(default_collection())
+    refs = {}
+    for mod, prefix in REFERENCES.items():
+        rows = df[df["id"].str.startswith(prefix)]
+        positive = rows[rows["lesion"].astype(str) == "1"]
+        rows = positive if len(positive) else rows
+        if len(rows):
+            refs[mod] = read_collection_image(rows.iloc[len(rows) // 2])
+    return refs
 
 
 def main() -> None:
@@ -24,7 +38,7 @@ def main() -> None:
     ap.add_argument("--thumb", type=int, default=88)
     args = ap.parse_args()
     t = args.thumb
-    refs = {r.modality: r for r in reference_sample(default_collection(), n_per_modality=1, seed=3)}
+    refs = pick_references()
     blocks = []
     for mod, ref in sorted(refs.items()):
         names = [n for n in list_distortions() if create_distortion(n).applies_to(mod, color=ref.is_color)]
