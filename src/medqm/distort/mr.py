@@ -102,10 +102,15 @@ def _magnitude(spectrum: np.ndarray) -> np.ndarray:
 # --- noise -------------------------------------------------------------------------------------------
 
 
-class RicianNoise(Distortion):
+class MRDistortion(Distortion):
+    """Magnitude MR artifacts: grey images of MR only."""
+
     family = "mr"
     modalities = ("MR",)
     color = False
+
+
+class RicianNoise(MRDistortion):
     stochastic = True
     name = "rician_noise"
     description = (
@@ -124,10 +129,7 @@ class RicianNoise(Distortion):
 # --- TorchIO k-space and bias-field transforms -------------------------------------------------------
 
 
-class MRMotion(Distortion):
-    family = "mr"
-    modalities = ("MR",)
-    color = False
+class MRMotion(MRDistortion):
     name = "mr_motion"
     description = (
         "Rigid in-plane patient motion during a sequential Cartesian acquisition (TorchIO Motion): still in the "
@@ -192,10 +194,7 @@ class MRMotion(Distortion):
         return _phase_last(out, int(params["phase_axis"]))
 
 
-class Ghosting(Distortion):
-    family = "mr"
-    modalities = ("MR",)
-    color = False
+class Ghosting(MRDistortion):
     name = "ghosting"
     description = (
         "Periodic ghosting along the phase-encoding axis (pulsation, respiration, odd/even-echo mismatch; "
@@ -233,10 +232,7 @@ class Ghosting(Distortion):
         return _run_torchio(ghosting, pixels[None, :, :, None])[0, :, :, 0]
 
 
-class Spike(Distortion):
-    family = "mr"
-    modalities = ("MR",)
-    color = False
+class Spike(MRDistortion):
     name = "spike"
     description = (
         "Herringbone (corduroy) stripes from spikes in k-space (TorchIO Spike): num_spikes points at random "
@@ -274,10 +270,7 @@ class Spike(Distortion):
         return _run_torchio(spike, pixels[None, :, :, None])[0, :, :, 0]
 
 
-class BiasField(Distortion):
-    family = "mr"
-    modalities = ("MR",)
-    color = False
+class BiasField(MRDistortion):
     name = "bias_field"
     description = (
         "Smooth multiplicative intensity inhomogeneity (receive-coil sensitivity, B1; TorchIO BiasField): exp of "
@@ -329,10 +322,7 @@ class BiasField(Distortion):
 # --- hand-written k-space truncation and undersampling -----------------------------------------------
 
 
-class GibbsRinging(Distortion):
-    family = "mr"
-    modalities = ("MR",)
-    color = False
+class GibbsRinging(MRDistortion):
     name = "gibbs_ringing"
     description = (
         "Gibbs (truncation) ringing: only the central `keep` fraction of k-space along each axis is acquired "
@@ -353,10 +343,7 @@ class GibbsRinging(Distortion):
         return _magnitude(np.where(mask, spectrum, 0))
 
 
-class Undersampling(Distortion):
-    family = "mr"
-    modalities = ("MR",)
-    color = False
+class Undersampling(MRDistortion):
     name = "undersampling"
     description = (
         "Cartesian undersampling aliasing (parallel-imaging acceleration without unfolding): a fully sampled "
