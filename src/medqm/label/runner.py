@@ -1,0 +1,315 @@
+"""`medqm label`: diagnostic-loss labels for every distorted image, crash-safe and resumable.
+
+Work is cut into shards of a few reference images each (fixed by the sorted reference list, so a resumed
+run cuts the same shards). For a shard: the reference NLLs of every question are computed once and cached
+(``cache/refs-NNNNN.parquet``), then each distorted version of those references is scored, and the shard's
+rows are written to ``shards/shard-NNNNN.parquet`` through a temporary file and an atomic rename. A shard
+file therefore exists complete or not at all: a ``kill -9`` at any moment loses at most the shard in
+progress, and a rerun produces exactly the rows of an uninterrupted run. ``labels.parquet`` is assembled
+from the shards at the end, sorted by dist_id, with the label configuration in its metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medqm import __version__
+from medqm.io import MedQMReadError, read_image
+
+from ._protocol import DiagnosticModel
+from .quality import DEFAULT_MAP, QualityMap
+from .tasks import VQAItem
+
+LABEL_COLUMNS = (
+    "dist_id", "ref_id", "case_id", "modality", "type", "level", "seed", "n_qa", "nll_ref", "nll_dist",
+    "diag_loss", "quality", "model_id", "model_revision", "map_center", "map_scale", "path", "ref_path", "params",
+    "answer_types", "nll_ref_items", "nll_dist_items",
+)
+REFERENCE_TYPE = "reference"
+
+
+@dataclass
+class Reference:
+    """One reference image, its questions, and its distorted versions (rows of a distort manifest)."""
+
+    key: str  # resolved image path
+    ref_id: str
+    case_id: str
+    modality: str
+    items: list[VQAItem]
+    distortions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _resolve(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def gather_references(items: Sequence[VQAItem], distorted: str | Path | None, *, include_references: bool = True) -> list[Reference]:
+    """Join task items (by image) with a `medqm distort` manifest (by its ref_path); sorted by ref_id."""
+    by_image: dict[str, list[VQAItem]] = defaultdict(list)
+    for it in items:
+        by_image[_resolve(it.image)].append(it)
+    dist_rows: dict[str, list[dict]] = defaultdict(list)
+    if distorted is not None:
+        from medqm.distort.plan import read_manifest
+
+        root = Path(distorted)
+        for row in read_manifest(root).to_dict("records"):
+            row["abs_path"] = str((root / row["path"]).resolve())
+            dist_rows[_resolve(row["ref_path"])].append(row)
+    refs = []
+    for key, its in by_image.items():
+        rows = sorted(dist_rows.get(key, []), key=lambda r: r["dist_id"])
+        if not rows and not include_references:
+            continue
+        first = rows[0] if rows else {}
+        ref_id = first.get("ref_id") or its[0].image_id or Path(key).stem
+        refs.append(Reference(key, str(ref_id), str(first.get("case_id") or its[0].case_id),
+                              str(first.get("modality") or its[0].modality or ""), sorted(its, key=_item_key), rows))
+    ids = [r.ref_id for r in refs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two different reference images share a ref_id; give task items distinct image_id values")
+    return sorted(refs, key=lambda r: r.ref_id)
+
+
+def _item_key(it: VQAItem):
+    return (it.answer_type or "", it.question, it.answer)
+
+
+def _score(model: DiagnosticModel, images: list[np.ndarray], questions: list[str], answers: list[str], chunk: int) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), chunk):
+        out.append(np.asarray(model.answer_nll(images[i : i + chunk], questions[i : i + chunk], answers[i : i + chunk]), np.float64))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _atomic_parquet(rows: list[dict], columns: Sequence[str], path: Path, metadata: dict | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({c: pa.array([], pa.string()) for c in columns})
+    if rows:
+        table = table.select(list(columns))
+    if metadata:
+        table = table.replace_schema_metadata({k: json.dumps(v, sort_keys=True) for k, v in metadata.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def reference_nlls(model: DiagnosticModel, refs: Sequence[Reference], *, chunk: int = 32) -> dict[str, np.ndarray]:
+    """Per-question NLLs on each clean reference image."""
+    images, questions, answers, owner = [], [], [], []
+    for ref in refs:
+        px = read_image(ref.key).pixels
+        for it in ref.items:
+            images.append(px)
+            questions.append(it.question)
+            answers.append(it.answer)
+            owner.append(ref.ref_id)
+    nll = _score(model, images, questions, answers, chunk)
+    out: dict[str, list[float]] = defaultdict(list)
+    for o, v in zip(owner, nll):
+        out[o].append(float(v))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def label_rows(refs: Sequence[Reference], ref_nll: dict[str, np.ndarray], dist_nll: dict[str, np.ndarray],
+               *, model: DiagnosticModel, quality_map: QualityMap, include_references: bool) -> list[dict]:
+    """Aggregate per-question NLLs into one label row per distorted (and reference) image."""
+    rows = []
+    for ref in refs:
+        nr = ref_nll[ref.ref_id]
+        types = json.dumps([it.answer_type for it in ref.items])
+        entries = [({"dist_id": f"{ref.ref_id}__{REFERENCE_TYPE}", "type": REFERENCE_TYPE, "level": 0, "seed": 0,
+                     "params": "{}", "abs_path": ref.key}, nr)] if include_references else []
+        entries += [(d, dist_nll[d["dist_id"]]) for d in ref.distortions if d["dist_id"] in dist_nll]
+        for d, nd in entries:
+            loss = float(np.mean(nd - nr))
+            rows.append({
+                "dist_id": d["dist_id"], "ref_id": ref.ref_id, "case_id": ref.case_id, "modality": ref.modality,
+                "type": d["type"], "level": int(d["level"]), "seed": int(d["seed"]), "n_qa": len(ref.items),
+                "nll_ref": float(nr.mean()), "nll_dist": float(nd.mean()), "diag_loss": loss,
+                "quality": float(quality_map(loss)), "model_id": model.model_id, "model_revision": model.revision,
+                "map_center": quality_map.center, "map_scale": quality_map.scale, "path": d["abs_path"],
+                "ref_path": ref.key, "params": d["params"], "answer_types": types,
+                "nll_ref_items": json.dumps([round(float(v), 6) for v in nr]),
+                "nll_dist_items": json.dumps([round(float(v), 6) for v in nd]),
+            })
+    return rows
+
+
+@dataclass
+class LabelSummary:
+    out: Path
+    shards: int
+    shards_done_before: int
+    rows: int
+    errors: list[dict]
+
+
+def _config(items, refs, model, quality_map, shard_size, include_references) -> dict:
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(r.ref_id.encode())
+        for it in r.items:
+            h.update(json.dumps(it.to_dict(), sort_keys=True).encode())
+        for d in r.distortions:
+            h.update(d["dist_id"].encode())
+    return {"model_id": model.model_id, "model_revision": model.revision, "quality_map": quality_map.to_dict(),
+            "shard_size": shard_size, "include_references": include_references, "work_sha256": h.hexdigest(),
+            "n_items": len(items), "n_references": len(refs), "medqm_version": __version__}
+
+
+def run_labels(
+    items: Sequence[VQAItem],
+    model: DiagnosticModel,
+    out: str | Path,
+    *,
+    distorted: str | Path | None = None,
+    quality_map: QualityMap = DEFAULT_MAP,
+    shard_size: int = 4,
+    include_references: bool = True,
+    chunk: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> LabelSummary:
+    """Label every distorted image of ``distorted`` (a `medqm distort` output folder) whose reference has items.
+
+    ``progress(done_images, total_images)`` is called as shards complete.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    refs = gather_references(items, distorted, include_references=include_references)
+    if not refs:
+        raise ValueError("no reference image has both task items and distorted versions")
+    config = _config(items, refs, model, quality_map, shard_size, include_references)
+    cfg_path = out / "label_config.json"
+    if cfg_path.is_file():
+        old = json.loads(cfg_path.read_text())
+        if old != config:
+            changed = sorted(k for k in config if old.get(k) != config[k])
+            raise ValueError(f"{out} holds labels made with a different configuration ({', '.join(changed)}); use another --out")
+    else:
+        cfg_path.write_text(json.dumps(config, indent=2))
+
+    shards = [refs[i : i + shard_size] for i in range(0, len(refs), shard_size)]
+    per_shard = [sum(len(r.distortions) + int(include_references) for r in s) for s in shards]
+    total = sum(per_shard)
+    done_before = [i for i in range(len(shards)) if _shard_path(out, i).is_file()]
+    done = sum(per_shard[i] for i in done_before)
+    errors: list[dict] = []
+    if progress:
+        progress(done, total)
+    for i, shard in enumerate(shards):
+        if _shard_path(out, i).is_file():
+            continue
+        ref_nll = _cached_reference_nlls(out, i, model, shard, chunk)
+        shard_errors: list[dict] = []
+        dist_nll = _distorted_nlls(model, shard, chunk, shard_errors)
+        rows = label_rows(shard, ref_nll, dist_nll, model=model, quality_map=quality_map,
+                          include_references=include_references)
+        if shard_errors:
+            _atomic_json(shard_errors, out / "shards" / f"errors-{i:05d}.json")
+        _atomic_parquet(rows, LABEL_COLUMNS, _shard_path(out, i))
+        done += per_shard[i]
+        if progress:
+            progress(done, total)
+    table = assemble_labels(out, config)
+    for p in sorted((out / "shards").glob("errors-*.json")):
+        errors.extend(json.loads(p.read_text()))
+    _write_errors(out, errors)
+    return LabelSummary(out, len(shards), len(done_before), table.num_rows, errors)
+
+
+def _atomic_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _shard_path(out: Path, i: int) -> Path:
+    return out / "shards" / f"shard-{i:05d}.parquet"
+
+
+def _cached_reference_nlls(out: Path, i: int, model, shard, chunk) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    path = out / "cache" / f"refs-{i:05d}.parquet"
+    if path.is_file():
+        t = pq.read_table(path).to_pylist()
+        return {r["ref_id"]: np.asarray(json.loads(r["nll"])) for r in t}
+    nll = reference_nlls(model, shard, chunk=chunk)
+    _atomic_parquet([{"ref_id": k, "nll": json.dumps(v.tolist())} for k, v in sorted(nll.items())], ("ref_id", "nll"), path)
+    return nll
+
+
+def _distorted_nlls(model, shard: Sequence[Reference], chunk: int, errors: list[dict]) -> dict[str, np.ndarray]:
+    images, questions, answers, owner = [], [], [], []
+    for ref in shard:
+        for d in ref.distortions:
+            try:
+                px = read_image(d["abs_path"]).pixels
+            except MedQMReadError as e:
+                errors.append({"dist_id": d["dist_id"], "reason": e.reason, "path": e.path})
+                continue
+            for it in ref.items:
+                images.append(px)
+                questions.append(it.question)
+                answers.append(it.answer)
+                owner.append(d["dist_id"])
+    nll = _score(model, images, questions, answers, chunk)
+    out: dict[str, list[float]] = defaultdict(list)
+    for o, v in zip(owner, nll):
+        out[o].append(float(v))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def assemble_labels(out: Path, config: dict):
+    """Concatenate the shards into ``labels.parquet`` (sorted by dist_id, configuration in the metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p) for p in sorted((out / "shards").glob("shard-*.parquet"))]
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    if table.num_rows:
+        table = table.sort_by("dist_id")
+    table = table.replace_schema_metadata({"medqm": json.dumps(config, sort_keys=True)})
+    tmp = out / ".labels.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / "labels.parquet")
+    return table
+
+
+def _write_errors(out: Path, errors: list[dict]) -> None:
+    import csv
+
+    path = out / "errors.csv"
+    if not errors:
+        path.unlink(missing_ok=True)
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["dist_id", "path", "reason"])
+        w.writeheader()
+        w.writerows(errors)
+
+
+def read_labels(out: str | Path):
+    """A label set as a DataFrame; the configuration (model, quality map) is in ``df.attrs['medqm']``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(out) / "labels.parquet")
+    df = table.to_pandas()
+    meta = (table.schema.metadata or {}).get(b"medqm")
+    df.attrs["medqm"] = json.loads(meta) if meta else {}
+    return df

@@ -1,0 +1,28 @@
+"""A cheap deterministic stand-in for a diagnostic model, for testing the label runner's bookkeeping.
+
+The NLL grows with how much fine structure the image lost (a smoothness measure) and with the answer's
+length, so distorted images get a positive, reproducible diagnostic loss without running a network.
+"""
+
+import numpy as np
+
+
+class FakeDiagnosticModel:
+    model_id = "fake-sharpness"
+    revision = "1"
+
+    def __init__(self, delay: float = 0.0):
+        self.calls = 0
+        self.delay = delay
+
+    def answer_nll(self, images, questions, answers):
+        import time
+
+        self.calls += 1
+        time.sleep(self.delay)
+        out = []
+        for img, q, a in zip(images, questions, answers):
+            g = img.mean(axis=2) if img.ndim == 3 else img
+            detail = np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean()
+            out.append(0.3 * len(a) + 2.0 / (0.05 + detail) + 0.01 * (len(q) % 7))
+        return np.asarray(out)

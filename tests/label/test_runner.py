@@ -1,0 +1,149 @@
+"""The label runner: join tasks with distortions, aggregate correctly, never lose or duplicate rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medqm.distort.plan import Plan, run_plan
+from medqm.io import read_image
+from medqm.io.collection import default_collection, load_manifest
+from medqm.label.quality import DEFAULT_MAP
+from medqm.label.runner import read_labels, run_labels
+from medqm.label.tasks import VQAItem
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakes import FakeDiagnosticModel  # noqa: E402
+
+PLAN = Plan(name="t", types=["gaussian_blur", "gaussian_noise", "jpeg"], levels=[1, 3, 5], seeds=1)
+
+
+def _items(refs):
+    items = []
+    for _, r in refs.iterrows():
+        items.append(VQAItem(r.abs_path, "What imaging modality is this?", r.modality, r.case_id, "modality", r.id, r.modality))
+        items.append(VQAItem(r.abs_path, "Is there a lesion?", "no", r.case_id, "lesion_present", r.id, r.modality))
+    return items
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    df = load_manifest(default_collection())
+    refs = df.groupby("modality").head(2).sort_values("id").head(10)
+    sub = refs.drop(columns=["abs_path"])
+    coll = root / "coll"
+    for p in sub.path:
+        (coll / p).parent.mkdir(parents=True, exist_ok=True)
+        (coll / p).write_bytes((default_collection() / p).read_bytes())
+    sub.to_csv(coll / "manifest.csv", index=False)
+    run_plan(coll, PLAN, root / "dist", workers=1)
+    refs = load_manifest(coll)
+    return root, _items(refs), refs
+
+
+def test_rows_and_arithmetic(setup, tmp_path):
+    root, items, refs = setup
+    model = FakeDiagnosticModel()
+    summary = run_labels(items, model, tmp_path / "labels", distorted=root / "dist", shard_size=3)
+    lab = read_labels(tmp_path / "labels")
+    assert summary.rows == len(lab) == len(refs) * (1 + 3 * 3)
+    assert lab.dist_id.is_unique and (lab.n_qa == 2).all()
+    ref_rows = lab[lab.type == "reference"]
+    assert len(ref_rows) == len(refs) and np.allclose(ref_rows.diag_loss, 0) and np.allclose(ref_rows.quality, 0.9)
+    row = lab[(lab.type == "gaussian_blur") & (lab.level == 5)].iloc[0]
+    ref_px, dist_px = read_image(row.ref_path).pixels, read_image(row.path).pixels
+    qs = [it for it in items if it.image == row.ref_path]
+    nr = FakeDiagnosticModel().answer_nll([ref_px] * 2, [q.question for q in qs], [q.answer for q in qs])
+    nd = FakeDiagnosticModel().answer_nll([dist_px] * 2, [q.question for q in qs], [q.answer for q in qs])
+    assert row.diag_loss == pytest.approx(float(np.mean(np.sort(nd) - np.sort(nr))), rel=1e-6)
+    assert row.quality == pytest.approx(DEFAULT_MAP(row.diag_loss))
+    assert row.diag_loss > 0 and row.quality < 0.9  # blur removes the detail the fake model relies on
+    assert lab.attrs["medqm"]["quality_map"]["center"] == pytest.approx(np.log(2))
+    # severity ordering survives aggregation: mean loss per level increases for blur
+    blur = lab[lab.type == "gaussian_blur"].groupby("level").diag_loss.mean()
+    assert blur.is_monotonic_increasing
+
+
+def test_reference_nlls_computed_once(setup, tmp_path):
+    root, items, refs = setup
+    model = FakeDiagnosticModel()
+    run_labels(items, model, tmp_path / "l", distorted=root / "dist", shard_size=100, chunk=10_000)
+    assert model.calls == 2  # one call for all references, one for all distorted images
+
+
+def test_resume_after_interrupt_gives_identical_rows(setup, tmp_path):
+    root, items, _ = setup
+    full = tmp_path / "full"
+    run_labels(items, FakeDiagnosticModel(), full, distorted=root / "dist", shard_size=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        if done > total // 2:
+            raise Stop
+
+    part = tmp_path / "part"
+    with pytest.raises(Stop):
+        run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2, progress=stop)
+    summary = run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2)
+    assert summary.shards_done_before > 0
+    pd.testing.assert_frame_equal(read_labels(full), read_labels(part))
+
+
+def test_kill_9_and_resume(setup, tmp_path):
+    root, items, _ = setup
+    tasks = tmp_path / "items.json"
+    tasks.write_text(json.dumps([it.to_dict() for it in items]))
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from fakes import FakeDiagnosticModel
+from medqm.label.runner import run_labels
+from medqm.label.tasks import VQAItem
+items = [VQAItem(**d) for d in json.load(open({str(tasks)!r}))]
+run_labels(items, FakeDiagnosticModel(delay=float(sys.argv[2])), sys.argv[1], distorted={str(root / 'dist')!r}, shard_size=1, chunk=4)
+"""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out), "0.05"])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("shard-*.parquet"))) < 2:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "labels.parquet").exists()
+    subprocess.run([sys.executable, "-c", script, str(out), "0"], check=True, timeout=300)
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-c", script, str(ref), "0"], check=True, timeout=300)
+    a, b = read_labels(ref), read_labels(out)
+    assert len(a) == len(b) and b.dist_id.is_unique
+    pd.testing.assert_frame_equal(a.drop(columns=[]), b)
+
+
+def test_config_change_is_refused(setup, tmp_path):
+    root, items, _ = setup
+    run_labels(items, FakeDiagnosticModel(), tmp_path / "l", distorted=root / "dist")
+    with pytest.raises(ValueError, match="different configuration"):
+        run_labels(items[:4], FakeDiagnosticModel(), tmp_path / "l", distorted=root / "dist")
+
+
+def test_unreadable_distorted_image_is_recorded(setup, tmp_path):
+    root, items, _ = setup
+    import shutil
+
+    dist = tmp_path / "dist"
+    shutil.copytree(root / "dist", dist)
+    victim = sorted((dist / "images" / "jpeg").glob("*.png"))[0]
+    victim.write_bytes(b"")
+    summary = run_labels(items, FakeDiagnosticModel(), tmp_path / "l", distorted=dist)
+    assert [e["dist_id"] for e in summary.errors] == [victim.stem]
+    assert victim.stem not in set(read_labels(tmp_path / "l").dist_id)
+    assert (tmp_path / "l" / "errors.csv").is_file()
