@@ -13,12 +13,14 @@ class FakeDiagnosticModel:
 
     def __init__(self, delay: float = 0.0):
         self.calls = 0
+        self.samples = 0
         self.delay = delay
 
     def answer_nll(self, images, questions, answers):
         import time
 
         self.calls += 1
+        self.samples += len(images)
         time.sleep(self.delay)
         out = []
         for img, q, a in zip(images, questions, answers):

@@ -72,11 +72,18 @@ def test_rows_and_arithmetic(setup, tmp_path):
     assert blur.is_monotonic_increasing
 
 
-def test_reference_nlls_computed_once(setup, tmp_path):
+def test_every_image_scored_once(setup, tmp_path):
     root, items, refs = setup
     model = FakeDiagnosticModel()
-    run_labels(items, model, tmp_path / "l", distorted=root / "dist", shard_size=100, chunk=10_000)
-    assert model.calls == 2  # one call for all references, one for all distorted images
+    run_labels(items, model, tmp_path / "l", distorted=root / "dist", shard_size=3, chunk=10_000)
+    n_images = len(refs) * (1 + 3 * 3)
+    assert model.samples == 2 * n_images  # two questions per image; references scored once, not per distortion
+    # a rerun with a finished shard's reference cache but no shard file scores only distorted images
+    (tmp_path / "l" / "shards" / "shard-00000.parquet").unlink()
+    (tmp_path / "l" / "labels.parquet").unlink()
+    again = FakeDiagnosticModel()
+    run_labels(items, again, tmp_path / "l", distorted=root / "dist", shard_size=3)
+    assert again.samples == 2 * 3 * 9
 
 
 def test_resume_after_interrupt_gives_identical_rows(setup, tmp_path):

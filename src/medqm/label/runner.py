@@ -107,21 +107,47 @@ def _atomic_parquet(rows: list[dict], columns: Sequence[str], path: Path, metada
     os.replace(tmp, path)
 
 
-def reference_nlls(model: DiagnosticModel, refs: Sequence[Reference], *, chunk: int = 32) -> dict[str, np.ndarray]:
-    """Per-question NLLs on each clean reference image."""
-    images, questions, answers, owner = [], [], [], []
-    for ref in refs:
-        px = read_image(ref.key).pixels
-        for it in ref.items:
-            images.append(px)
-            questions.append(it.question)
-            answers.append(it.answer)
-            owner.append(ref.ref_id)
-    nll = _score(model, images, questions, answers, chunk)
+Triple = tuple[str, str, str, str]  # (owner id, image path, question, answer)
+
+
+def reference_triples(refs: Sequence[Reference]) -> list[Triple]:
+    return [(ref.ref_id, ref.key, it.question, it.answer) for ref in refs for it in ref.items]
+
+
+def distorted_triples(refs: Sequence[Reference]) -> list[Triple]:
+    return [(d["dist_id"], d["abs_path"], it.question, it.answer) for ref in refs for d in ref.distortions for it in ref.items]
+
+
+def group_nlls(triples: Sequence[Triple], nll: Sequence[float]) -> dict[str, np.ndarray]:
+    """Per-owner arrays of NLLs, in the order the owner's questions were listed."""
     out: dict[str, list[float]] = defaultdict(list)
-    for o, v in zip(owner, nll):
-        out[o].append(float(v))
+    for (owner, *_), v in zip(triples, nll):
+        out[owner].append(float(v))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+class LocalScorer:
+    """Scores triples with one in-process model; an unreadable image becomes an error record, not a crash."""
+
+    def __init__(self, model: DiagnosticModel, chunk: int = 32):
+        self.model, self.chunk = model, chunk
+
+    def __call__(self, triples: Sequence[Triple], errors: list[dict]) -> tuple[list[Triple], np.ndarray]:
+        cache: dict[str, np.ndarray | None] = {}
+        kept = []
+        for t in triples:
+            path = t[1]
+            if path not in cache:
+                try:
+                    cache[path] = read_image(path).pixels
+                except MedQMReadError as e:
+                    cache[path] = None
+                    errors.append({"dist_id": t[0], "path": e.path, "reason": e.reason})
+            if cache[path] is not None:
+                kept.append(t)
+        images = [cache[t[1]] for t in kept]
+        nll = _score(self.model, images, [t[2] for t in kept], [t[3] for t in kept], self.chunk)
+        return kept, nll
 
 
 def label_rows(refs: Sequence[Reference], ref_nll: dict[str, np.ndarray], dist_nll: dict[str, np.ndarray],
@@ -182,17 +208,23 @@ def run_labels(
     include_references: bool = True,
     chunk: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    scorer: Callable | None = None,
+    shards_per_call: int = 1,
 ) -> LabelSummary:
     """Label every distorted image of ``distorted`` (a `medqm distort` output folder) whose reference has items.
 
+    ``model`` supplies the scores and the identity (model_id, revision) stored with the labels; a ``scorer``
+    (e.g. the Ray engine's) may score instead, ``shards_per_call`` shards at a time.
     ``progress(done_images, total_images)`` is called as shards complete.
     """
+    identity = model
+    scorer = scorer or LocalScorer(model, chunk)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     refs = gather_references(items, distorted, include_references=include_references)
     if not refs:
         raise ValueError("no reference image has both task items and distorted versions")
-    config = _config(items, refs, model, quality_map, shard_size, include_references)
+    config = _config(items, refs, identity, quality_map, shard_size, include_references)
     cfg_path = out / "label_config.json"
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
@@ -210,20 +242,30 @@ def run_labels(
     errors: list[dict] = []
     if progress:
         progress(done, total)
-    for i, shard in enumerate(shards):
-        if _shard_path(out, i).is_file():
-            continue
-        ref_nll = _cached_reference_nlls(out, i, model, shard, chunk)
-        shard_errors: list[dict] = []
-        dist_nll = _distorted_nlls(model, shard, chunk, shard_errors)
-        rows = label_rows(shard, ref_nll, dist_nll, model=model, quality_map=quality_map,
-                          include_references=include_references)
-        if shard_errors:
-            _atomic_json(shard_errors, out / "shards" / f"errors-{i:05d}.json")
-        _atomic_parquet(rows, LABEL_COLUMNS, _shard_path(out, i))
-        done += per_shard[i]
-        if progress:
-            progress(done, total)
+    pending = [i for i in range(len(shards)) if not _shard_path(out, i).is_file()]
+    for start in range(0, len(pending), shards_per_call):
+        block = pending[start : start + shards_per_call]
+        cached = {i: _read_ref_cache(out, i) for i in block}
+        triples = [t for i in block if cached[i] is None for t in reference_triples(shards[i])]
+        triples += [t for i in block for t in distorted_triples(shards[i])]
+        block_errors: list[dict] = []
+        kept, nll = scorer(triples, block_errors)
+        scored = group_nlls(kept, nll)
+        for i in block:
+            shard = shards[i]
+            ref_nll = cached[i] or {r.ref_id: scored[r.ref_id] for r in shard}
+            if cached[i] is None:
+                _write_ref_cache(out, i, ref_nll)
+            dist_ids = {d["dist_id"] for r in shard for d in r.distortions}
+            rows = label_rows(shard, ref_nll, {k: v for k, v in scored.items() if k in dist_ids}, model=identity,
+                              quality_map=quality_map, include_references=include_references)
+            shard_errors = [e for e in block_errors if e["dist_id"] in dist_ids]
+            if shard_errors:
+                _atomic_json(shard_errors, out / "shards" / f"errors-{i:05d}.json")
+            _atomic_parquet(rows, LABEL_COLUMNS, _shard_path(out, i))
+            done += per_shard[i]
+            if progress:
+                progress(done, total)
     table = assemble_labels(out, config)
     for p in sorted((out / "shards").glob("errors-*.json")):
         errors.extend(json.loads(p.read_text()))
@@ -242,37 +284,22 @@ def _shard_path(out: Path, i: int) -> Path:
     return out / "shards" / f"shard-{i:05d}.parquet"
 
 
-def _cached_reference_nlls(out: Path, i: int, model, shard, chunk) -> dict[str, np.ndarray]:
+def _ref_cache_path(out: Path, i: int) -> Path:
+    return out / "cache" / f"refs-{i:05d}.parquet"
+
+
+def _read_ref_cache(out: Path, i: int) -> dict[str, np.ndarray] | None:
     import pyarrow.parquet as pq
 
-    path = out / "cache" / f"refs-{i:05d}.parquet"
-    if path.is_file():
-        t = pq.read_table(path).to_pylist()
-        return {r["ref_id"]: np.asarray(json.loads(r["nll"])) for r in t}
-    nll = reference_nlls(model, shard, chunk=chunk)
-    _atomic_parquet([{"ref_id": k, "nll": json.dumps(v.tolist())} for k, v in sorted(nll.items())], ("ref_id", "nll"), path)
-    return nll
+    path = _ref_cache_path(out, i)
+    if not path.is_file():
+        return None
+    return {r["ref_id"]: np.asarray(json.loads(r["nll"])) for r in pq.read_table(path).to_pylist()}
 
 
-def _distorted_nlls(model, shard: Sequence[Reference], chunk: int, errors: list[dict]) -> dict[str, np.ndarray]:
-    images, questions, answers, owner = [], [], [], []
-    for ref in shard:
-        for d in ref.distortions:
-            try:
-                px = read_image(d["abs_path"]).pixels
-            except MedQMReadError as e:
-                errors.append({"dist_id": d["dist_id"], "reason": e.reason, "path": e.path})
-                continue
-            for it in ref.items:
-                images.append(px)
-                questions.append(it.question)
-                answers.append(it.answer)
-                owner.append(d["dist_id"])
-    nll = _score(model, images, questions, answers, chunk)
-    out: dict[str, list[float]] = defaultdict(list)
-    for o, v in zip(owner, nll):
-        out[o].append(float(v))
-    return {k: np.asarray(v) for k, v in out.items()}
+def _write_ref_cache(out: Path, i: int, nll: dict[str, np.ndarray]) -> None:
+    rows = [{"ref_id": k, "nll": json.dumps(v.tolist())} for k, v in sorted(nll.items())]
+    _atomic_parquet(rows, ("ref_id", "nll"), _ref_cache_path(out, i))
 
 
 def assemble_labels(out: Path, config: dict):

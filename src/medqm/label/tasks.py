@@ -30,3 +30,10 @@ class VQAItem:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def image_quadrant(row: float, col: float, shape) -> str:
+    H, W = shape[:2]
+    v = "upper" if row < (H - 1) / 2 else "lower"
+    h = "left" if col < (W - 1) / 2 else "right"
+    return f"{v} {h}"

@@ -1,0 +1,476 @@
+"""Synthetic lesions inserted into real backgrounds (hybrid images) for lesion-detection questions.
+
+Task-based image-quality studies put simulated lesions into real patient backgrounds, so the truth (present
+or not, where) is known exactly while the anatomy and noise stay real (e.g. Samei et al., "Hybrid images",
+Med. Phys. 2003; Solomon & Samei, "A generic framework to simulate realistic lung, liver and renal
+pathologies in CT imaging", Phys. Med. Biol. 2014). `insert_lesion` does this in the 2D display image; a
+lesion set (`make_lesion_set`) pairs every hybrid with its untouched background, so a VLM's answers to
+"Is there a lesion?" and "In which quadrant?" can be scored and degraded by the distortions.
+
+The lesion model, per image (all lengths in pixels of the given image, intensities in display units, i.e.
+the [0, 1] pixels of `medqm.io.MedImage`):
+
+- Shape: a slightly lobulated disc, boundary radius ``R(θ) = R·(1 + a2·cos 2(θ-φ2) + a4·cos 4(θ-φ4))``
+  with a2 ~ U(0, 0.12), a4 ~ U(0, 0.06), φ ~ U(0, 2π). Only even harmonics, so the shape is point-symmetric
+  about its centre and the mask centroid *is* the centre.
+- Edge: Gaussian-blurred (an erf ramp), opacity ``α = ½·erfc((r − R(θ)) / (√2·w))`` with w ~ U(edge)·R
+  (at least 0.6 px); the mask is ``r ≤ R(θ)`` (the α = ½ contour).
+- Intensity: ``T = μ + c·v`` where μ is the local background level (median within 1.5 R), c the signed
+  contrast and v the colour direction (1 for grey images; a dark-red or a yellow direction of unit
+  luminance for fundus photographs).
+- Texture: a noise field whose high-pass residual (image minus its Gaussian blur, σ = 1.5 px) has the same
+  robust std as the background's residual within 3 R, and whose lag-1 autocorrelation is matched by choosing
+  the noise's blur. A solid lesion is then ``out = (1 − α)·b + α·(T + t)``: it replaces the tissue it
+  occupies (CT, MR, fundus). Radiographs are projections, so there the lesion's attenuation adds to what
+  lies in front of and behind it: ``out = b + α·c`` and the real anatomy and noise show through (opacity
+  0 in `LESION_PARAMS`).
+- Site: a pixel of the anatomy (``body_mask``, or `anatomy_mask`: Otsu on the smoothed image, holes
+  filled, so black padding and the air around the patient are never used) at least the lesion's outer
+  radius from the anatomy's edge and the image's border, and at least ``max(2, R/2)`` px from the image's
+  midlines so the quadrant answer is unambiguous.
+- Contrast: |c| ~ U(lo, hi) where ``lo = max(contrast[0], cnr[0]·σ)``, ``hi = min(contrast[1], cnr[1]·σ,
+  headroom)``, σ the std of the background in the ring R+2w … 3R around the site and headroom what keeps
+  ``T ± 2·texture std`` inside [0.02, 0.98] (no clipping that would flatten the texture). Sites where
+  lo > hi are rejected and another site is drawn (up to 200). The sign comes from the lesion kind.
+
+So a lesion is never a flat sticker (texture and edge match the surroundings) and never invisible or
+glaring: its contrast-to-noise ratio against the local anatomy is kept within ``cnr`` of its modality.
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tasks import image_quadrant
+
+HP_SIGMA = 1.5  # px; the high-pass residual is image − gaussian(image, HP_SIGMA)
+LOCAL_RADIUS = 3.0  # × R: the neighbourhood whose statistics the lesion matches
+MAX_SITE_TRIES = 200
+_LUMA = np.array([0.299, 0.587, 0.114], np.float64)  # ITU-R BT.601, as Pillow's convert("L")
+_NOISE_BLURS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0)  # candidate texture correlation (px)
+
+
+@dataclass(frozen=True)
+class LesionKind:
+    name: str
+    sign: int  # +1 brighter than the background, −1 darker
+    colour: tuple[float, float, float] | None = None  # RGB direction (scaled to unit luminance); None: grey
+
+
+@dataclass(frozen=True)
+class LesionParams:
+    """Sampling ranges of one modality; each range (lo, hi) is drawn as U(lo, hi)."""
+
+    radius: tuple[float, float]  # px of a 256-px image; scaled by min(H, W)/256 for other sizes
+    contrast: tuple[float, float]  # |c| in display units (luminance for colour)
+    cnr: tuple[float, float]  # |c| / local background std
+    edge: tuple[float, float]  # edge width w as a fraction of R
+    kinds: tuple[LesionKind, ...]
+    kind_p: tuple[float, ...]
+    opacity: float  # 1: the lesion replaces the tissue (tomographic, photographic); 0: adds to it (projection)
+
+
+LESION_PARAMS: dict[str, LesionParams] = {
+    # solid pulmonary / soft-tissue nodule, denser than its surroundings
+    "CT": LesionParams((4.0, 9.0), (0.08, 0.40), (1.5, 5.0), (0.15, 0.3), (LesionKind("nodule", +1),), (1.0,), 1.0),
+    # MR lesions are hyper- or hypointense depending on tissue and sequence
+    "MR": LesionParams((4.0, 10.0), (0.08, 0.35), (1.5, 5.0), (0.15, 0.3),
+                       (LesionKind("hyperintense lesion", +1), LesionKind("hypointense lesion", -1)), (0.5, 0.5), 1.0),
+    # nodule on a radiograph: extra attenuation, brighter where bone is white
+    "XR": LesionParams((5.0, 11.0), (0.05, 0.25), (1.5, 5.0), (0.25, 0.45), (LesionKind("nodule", +1),), (1.0,), 0.0),
+    # retinal blot haemorrhage (dark red) or hard exudate (yellow)
+    "FUNDUS": LesionParams((3.0, 7.0), (0.06, 0.25), (2.0, 8.0), (0.2, 0.4),
+                           (LesionKind("haemorrhage", -1, (0.8, 1.1, 0.6)), LesionKind("exudate", +1, (0.6, 1.0, 0.25))),
+                           (0.6, 0.4), 1.0),
+}
+
+
+def _rgb_luma(px: np.ndarray) -> np.ndarray:
+    return px @ _LUMA if px.ndim == 3 else px
+
+
+def _check_pixels(pixels) -> np.ndarray:
+    px = np.asarray(pixels)
+    if not np.issubdtype(px.dtype, np.floating):
+        raise TypeError(f"pixels must be float display values in [0, 1] (MedImage.pixels), got dtype {px.dtype}")
+    if not (px.ndim == 2 or (px.ndim == 3 and px.shape[2] == 3)):
+        raise ValueError(f"pixels must be H×W or H×W×3, got shape {px.shape}")
+    if px.size == 0 or not np.isfinite(px).all() or px.min() < -1e-6 or px.max() > 1 + 1e-6:
+        raise ValueError("pixels must be finite display values in [0, 1]")
+    return px.astype(np.float64)
+
+
+def anatomy_mask(pixels, *, sigma: float = 2.0) -> np.ndarray:
+    """Where the patient is: the smoothed image above half its Otsu threshold (≥ 0.04), holes filled.
+
+    Half of Otsu keeps dark tissue (lung in a lung window, fat) while dropping black padding and the air
+    around the patient; filling holes brings back enclosed dark organs (lungs, ventricles). Returns bool H×W.
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    grey = _rgb_luma(_check_pixels(pixels))
+    smooth = ndimage.gaussian_filter(grey, sigma)
+    thr = max(0.04, 0.5 * float(threshold_otsu(smooth))) if np.ptp(smooth) > 0 else 0.04
+    return ndimage.binary_fill_holes(smooth > thr)
+
+
+def _highpass(px: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    sig = (HP_SIGMA, HP_SIGMA, 0) if px.ndim == 3 else HP_SIGMA
+    return px - ndimage.gaussian_filter(px, sig)
+
+
+def _robust_std(x: np.ndarray, axis=0) -> np.ndarray:
+    med = np.median(x, axis=axis)
+    return 1.4826 * np.median(np.abs(x - med), axis=axis)
+
+
+def _lag1(h: np.ndarray, region: np.ndarray) -> float:
+    """Lag-1 autocorrelation of ``h`` (2D) over pixel pairs both inside ``region`` (mean of both axes)."""
+    vals = []
+    for a, b, m in ((h[:, :-1], h[:, 1:], region[:, :-1] & region[:, 1:]), (h[:-1], h[1:], region[:-1] & region[1:])):
+        x, y = a[m], b[m]
+        if x.size > 8 and x.std() > 0 and y.std() > 0:
+            vals.append(float(np.corrcoef(x, y)[0, 1]))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+@lru_cache(maxsize=None)
+def _noise_lag1_table() -> tuple[float, ...]:
+    """Lag-1 autocorrelation of the high-pass residual of white noise blurred by each of `_NOISE_BLURS`."""
+    from scipy import ndimage
+
+    n = np.random.default_rng(12345).standard_normal((160, 160))
+    out = []
+    for s in _NOISE_BLURS:
+        f = ndimage.gaussian_filter(n, s) if s > 0 else n
+        out.append(_lag1(_highpass(f)[8:-8, 8:-8], np.ones((144, 144), bool)))
+    return tuple(out)
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, int], blur: float) -> np.ndarray:
+    """Noise whose high-pass residual has unit std (so scaling by σ gives a residual std of σ)."""
+    from scipy import ndimage
+
+    n = rng.standard_normal(shape)
+    if blur > 0:
+        n = ndimage.gaussian_filter(n, blur)
+    hp = _highpass(n)
+    return n / max(float(hp.std()), 1e-12)
+
+
+def _params_for(modality: str) -> tuple[str, LesionParams]:
+    from medqm.io import canonical_modality
+
+    try:
+        mod = canonical_modality(modality)
+    except ValueError:
+        mod = None
+    if mod not in LESION_PARAMS:
+        raise ValueError(f"no lesion model for modality {modality!r}; expected one of {', '.join(LESION_PARAMS)}")
+    return mod, LESION_PARAMS[mod]
+
+
+def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius: float | None = None,
+                  contrast: float | None = None, center: tuple[int, int] | None = None,
+                  kind: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Insert one synthetic lesion into a real image (see the module docstring for the model).
+
+    Args:
+        pixels: float display pixels in [0, 1], H×W or H×W×3 (`MedImage.pixels`).
+        rng_or_seed: an int seed or a ``numpy.random.Generator``; the same seed gives the same image.
+        modality: 'CT', 'MR', 'XR' or 'FUNDUS' (aliases such as 'MRI' accepted); selects `LESION_PARAMS`.
+        body_mask: bool H×W where the lesion may go; default `anatomy_mask(pixels)`.
+        radius: nominal radius R in px; default U(radius range) scaled to the image size.
+        contrast: signed contrast c in display units (luminance for colour) relative to the local
+            background level; default drawn per site as described in the module docstring. Given
+            explicitly, it is used as is (sites with the headroom for it are preferred).
+        center: (row, col) of the lesion centre; default a random valid site.
+        kind: one of the modality's lesion kinds (e.g. 'haemorrhage', 'exudate'); default drawn.
+
+    Returns:
+        ``(pixels_out, mask, info)``: float32 pixels of the input's shape in [0, 1], the bool mask
+        ``r ≤ R(θ)``, and a dict with center (row, col), radius, contrast, quadrant, kind and the
+        measured local statistics (local_mean, local_std, texture_std, cnr).
+
+    Raises:
+        ValueError: unknown modality or kind, bad shapes, or no site of the anatomy has room for the lesion.
+    """
+    from scipy import ndimage
+    from scipy.special import erfc
+
+    rng = np.random.default_rng(rng_or_seed)
+    px = _check_pixels(pixels)
+    mod, prm = _params_for(modality)
+    H, W = px.shape[:2]
+    colour = px.ndim == 3
+    if body_mask is None:
+        anat = anatomy_mask(px)
+    else:
+        anat = np.asarray(body_mask).astype(bool)
+        if anat.shape != (H, W):
+            raise ValueError(f"body_mask must have the image's shape {(H, W)}, got {anat.shape}")
+
+    # --- lesion kind, size and shape (drawn first so the site search knows the footprint)
+    names = [k.name for k in prm.kinds]
+    if kind is not None:
+        if kind not in names:
+            raise ValueError(f"kind {kind!r} is not a {mod} lesion kind; expected one of {names}")
+        lk = prm.kinds[names.index(kind)]
+    elif contrast is not None:
+        signed = [k for k in prm.kinds if k.sign == (1 if contrast >= 0 else -1)]
+        lk = signed[0] if signed else prm.kinds[0]
+    else:
+        lk = prm.kinds[int(rng.choice(len(prm.kinds), p=np.asarray(prm.kind_p)))]
+    scale = min(H, W) / 256.0
+    R = float(radius) if radius is not None else float(rng.uniform(*prm.radius)) * scale
+    if not R > 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    w = max(0.6, float(rng.uniform(*prm.edge)) * R)
+    a2, a4 = float(rng.uniform(0, 0.12)), float(rng.uniform(0, 0.06))
+    ph2, ph4 = rng.uniform(0, 2 * np.pi, 2)
+    r_out = R * (1 + a2 + a4) + 2 * w  # where α has fallen below ~2 %
+
+    v = np.ones(1)
+    if colour:
+        if lk.colour is None:
+            raise ValueError(f"{mod} lesions are grey; got a colour image")
+        v = np.asarray(lk.colour, np.float64)
+        v = v / float(v @ _LUMA)
+    elif lk.colour is not None:
+        v = np.ones(1)  # a grey fundus image: the lesion's luminance change only
+
+    # --- candidate sites
+    rows, cols = np.mgrid[0:H, 0:W]
+    if center is not None:
+        r0, c0 = int(round(center[0])), int(round(center[1]))
+        if not (0 <= r0 < H and 0 <= c0 < W):
+            raise ValueError(f"center {center} is outside the {H}×{W} image")
+        sites = np.array([r0 * W + c0])
+    else:
+        dist = ndimage.distance_transform_edt(np.pad(anat, 1))[1:-1, 1:-1]
+        band = max(2.0, R / 2)
+        ok = (dist >= r_out) & (rows >= r_out) & (rows <= H - 1 - r_out) & (cols >= r_out) & (cols <= W - 1 - r_out)
+        ok &= (np.abs(rows - (H - 1) / 2) >= band) & (np.abs(cols - (W - 1) / 2) >= band)
+        cand = np.flatnonzero(ok)
+        if cand.size == 0:
+            raise ValueError(f"no room for a lesion of radius {R:.1f} px inside the anatomy "
+                             f"({int(anat.sum())} anatomy pixels; pass body_mask or a smaller radius)")
+        sites = rng.permutation(cand)[:MAX_SITE_TRIES]
+
+    hp = _highpass(px)
+    hp_grey = _rgb_luma(hp)
+    grey = _rgb_luma(px)
+    lo_c, hi_c = prm.contrast
+    chosen = None
+    for s in sites:
+        r0, c0 = divmod(int(s), W)
+        d = np.hypot(rows - r0, cols - c0)
+        local = (d <= LOCAL_RADIUS * R) & anat
+        ring = local & (d >= R + 2 * w)
+        inner = (d <= 1.5 * R) & anat
+        if ring.sum() < 12 or inner.sum() < 4:
+            if center is None:
+                continue
+            local = ring = inner = d <= LOCAL_RADIUS * R  # an explicit centre off the anatomy: use what is there
+        pxl = px.reshape(H * W, -1)
+        mu = np.median(pxl[inner.ravel()], axis=0)
+        sig_tex = np.maximum(_robust_std(hp.reshape(H * W, -1)[local.ravel()]), 0.5 / 255)
+        sig_bg = max(float(grey[ring].std()), 1.0 / 255)
+        if prm.opacity > 0:
+            top = 0.98 - mu - 2 * sig_tex  # per channel room above, below
+            bottom = mu - 0.02 - 2 * sig_tex
+        else:
+            under = pxl[(d <= R * (1 + a2 + a4)).ravel()]
+            top = 0.98 - np.percentile(under, 95, axis=0)
+            bottom = np.percentile(under, 5, axis=0) - 0.02
+        room = (top if lk.sign > 0 else bottom) / v
+        headroom = float(room.min())
+        if contrast is not None:
+            if headroom >= abs(contrast) or center is not None or chosen is None:
+                chosen = (r0, c0, mu, sig_tex, sig_bg, float(contrast))
+            if headroom >= abs(contrast) or center is not None:
+                break
+            continue
+        lo = max(lo_c, prm.cnr[0] * sig_bg)
+        hi = min(hi_c, prm.cnr[1] * sig_bg, headroom)
+        if lo <= hi:
+            chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(rng.uniform(lo, hi)))
+            break
+        if center is not None:  # no admissible contrast at the requested centre: take the nearest bound
+            chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(max(min(lo, headroom), 0.0)))
+    if chosen is None:
+        raise ValueError(f"no site in the anatomy admits a {mod} lesion of radius {R:.1f} px with contrast in "
+                         f"{prm.contrast} and CNR in {prm.cnr} (tried {len(sites)} sites)")
+    r0, c0, mu, sig_tex, sig_bg, c = chosen
+
+    # --- render in a bounding box
+    half = int(np.ceil(max(r_out, LOCAL_RADIUS * R))) + 1
+    y0, y1, x0, x1 = max(0, r0 - half), min(H, r0 + half + 1), max(0, c0 - half), min(W, c0 + half + 1)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dy, dx = yy - r0, xx - c0
+    rr, th = np.hypot(dy, dx), np.arctan2(dy, dx)
+    boundary = R * (1 + a2 * np.cos(2 * (th - ph2)) + a4 * np.cos(4 * (th - ph4)))
+    alpha = 0.5 * erfc((rr - boundary) / (np.sqrt(2) * w))
+    mask = np.zeros((H, W), bool)
+    mask[y0:y1, x0:x1] = rr <= boundary
+
+    rho = _lag1(hp_grey, (np.hypot(rows - r0, cols - c0) <= LOCAL_RADIUS * R) & anat)
+    table = _noise_lag1_table()
+    blur = _NOISE_BLURS[int(np.argmin([abs(t - rho) for t in table]))]
+    tex = _texture(rng, (y1 - y0, x1 - x0), blur)
+
+    box = px[y0:y1, x0:x1]
+    cv = c * v  # per-channel (or scalar) contrast
+    if colour:
+        a = alpha[..., None]
+        target = mu + cv + tex[..., None] * sig_tex
+    else:
+        a = alpha
+        target = float(mu[0]) + float(cv[0]) + tex * float(sig_tex[0])
+    if prm.opacity > 0:
+        new = box + a * prm.opacity * (target - box) + a * (1 - prm.opacity) * cv
+    else:
+        new = box + a * (cv if colour else float(cv[0]))
+    out = px.copy()
+    out[y0:y1, x0:x1] = np.clip(new, 0.0, 1.0)
+
+    info = {
+        "center": (r0, c0),
+        "radius": R,
+        "contrast": c,
+        "quadrant": image_quadrant(r0, c0, (H, W)),
+        "kind": lk.name,
+        "modality": mod,
+        "edge_width": w,
+        "lobulation": (a2, a4),
+        "opacity": prm.opacity,
+        "local_mean": float(mu @ _LUMA) if colour else float(mu[0]),
+        "local_std": sig_bg,
+        "texture_std": float(sig_tex @ _LUMA) if colour else float(sig_tex[0]),
+        "texture_blur": blur,
+        "cnr": abs(c) / sig_bg,
+    }
+    return out.astype(np.float32), mask, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lesion sets
+
+DEFAULT_PER_MODALITY = {"CT": 60, "MR": 60, "XR": 20, "FUNDUS": 13}
+LESION_COLUMNS = ("lesion_center_row", "lesion_center_col", "lesion_radius", "lesion_contrast", "lesion_kind",
+                  "background_id")
+
+
+def _spread_order(n: int) -> list[int]:
+    """Indices 0..n-1 ordered so that every prefix is spread over the range (middle first, then quarters…)."""
+    order, seen, k = [], set(), 1
+    while len(order) < n and k < 64 * n + 64:
+        x, f, j = 0.0, 0.5, k  # van der Corput, base 2
+        while j:
+            x += f * (j & 1)
+            j >>= 1
+            f /= 2
+        i = min(n - 1, int(x * n))
+        if i not in seen:
+            seen.add(i)
+            order.append(i)
+        k += 1
+    return order + [i for i in range(n) if i not in seen]
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, optimize=False)
+
+
+def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None = None, variants: int = 1,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """Build a hybrid lesion set from a collection's lesion-free backgrounds.
+
+    For each modality in ``per_modality`` (default `DEFAULT_PER_MODALITY`: CT 60, MR 60, XR 20, FUNDUS 13,
+    i.e. 153 backgrounds; the demo collection holds 99 / 161 / 20 / 13 usable ones) backgrounds are drawn
+    from images whose ``lesion`` is 0 or unknown (never the lesion-positive ones), round-robin over cases
+    and spread within each case. Every background gives ``variants`` lesion-positive hybrids (ids
+    ``<bg_id>-synles<k>``, seeds derived from ``seed``, k and the id, so a row does not depend on which other
+    rows are built) and one lesion-negative copy (``<bg_id>-synneg``). All keep the background's case_id,
+    so case-level splits stay leak-free. A background without room for a lesion is skipped.
+
+    ``out_dir`` receives ``images/<MOD>/<id>.png`` (8-bit, L or RGB as the background), ``masks/<id>.png``
+    (0/255; all zero for negatives) and ``manifest.csv`` in the demo schema plus the columns in
+    `LESION_COLUMNS` (empty on negative rows). Returns the manifest rows as dicts.
+    """
+    from medqm.io.collection import MANIFEST, load_manifest, read_collection_image
+
+    if variants < 1:
+        raise ValueError(f"variants must be ≥ 1, got {variants}")
+    per_modality = dict(DEFAULT_PER_MODALITY if per_modality is None else per_modality)
+    for m in per_modality:
+        _params_for(m)
+    out_dir = Path(out_dir)
+    df = load_manifest(collection)
+    base_cols = [c for c in df.columns if c != "abs_path"]
+    rows: list[dict[str, Any]] = []
+    for mod, want in per_modality.items():
+        g = df[(df["modality"] == mod) & (df["lesion"].astype(str).str.strip() != "1")] if "lesion" in df else df[df["modality"] == mod]
+        queues = []
+        for _, c in sorted(g.groupby("case_id", sort=True), key=lambda kv: kv[0]):
+            c = c.sort_values("id")
+            queues.append([c.iloc[i] for i in _spread_order(len(c))])
+        done = 0
+        while done < want and any(queues):
+            for q in queues:
+                if done >= want or not q:
+                    continue
+                bg = q.pop(0)
+                img = read_collection_image(bg)
+                px = img.pixels
+                made = []
+                for k in range(1, variants + 1):
+                    rng = np.random.default_rng([seed, k, zlib.crc32(str(bg["id"]).encode())])
+                    try:
+                        made.append(insert_lesion(px, rng_or_seed=rng, modality=mod))
+                    except ValueError:
+                        break
+                if len(made) < variants:
+                    continue
+                done += 1
+                bg_id = str(bg["id"])
+                base = {c: bg[c] for c in base_cols}
+                neg_id = f"{bg_id}-synneg"
+                _save_png(img.to_uint8(), out_dir / "images" / mod / f"{neg_id}.png")
+                _save_png(np.zeros(px.shape[:2], np.uint8), out_dir / "masks" / f"{neg_id}.png")
+                rows.append({**base, "id": neg_id, "lesion": 0, "mask": f"masks/{neg_id}.png",
+                             "path": f"images/{mod}/{neg_id}.png", **{c: "" for c in LESION_COLUMNS},
+                             "background_id": bg_id})
+                for k, (out, mask, info) in enumerate(made, start=1):
+                    pid = f"{bg_id}-synles{k}"
+                    _save_png(np.round(out * 255).astype(np.uint8), out_dir / "images" / mod / f"{pid}.png")
+                    _save_png(mask.astype(np.uint8) * 255, out_dir / "masks" / f"{pid}.png")
+                    rows.append({**base, "id": pid, "lesion": 1, "mask": f"masks/{pid}.png",
+                                 "path": f"images/{mod}/{pid}.png", "source_file": f"synthetic lesion on {bg_id}",
+                                 "lesion_center_row": info["center"][0], "lesion_center_col": info["center"][1],
+                                 "lesion_radius": round(info["radius"], 3), "lesion_contrast": round(info["contrast"], 4),
+                                 "lesion_kind": info["kind"], "background_id": bg_id})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = base_cols + [c for c in LESION_COLUMNS if c not in base_cols]
+    with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
+        wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    return rows
+
+
+__all__ = ["LESION_PARAMS", "LesionParams", "LesionKind", "DEFAULT_PER_MODALITY", "LESION_COLUMNS", "anatomy_mask",
+           "insert_lesion", "make_lesion_set"]
