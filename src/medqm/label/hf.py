@@ -23,7 +23,10 @@ stripped of surrounding whitespace; an empty answer raises `ValueError`.
 
 How answer tokens are identified
 --------------------------------
-Per sample, the rendered text is split into a prompt part and a scored part as above. The processor encodes
+Per sample, the conversation is rendered once with a sentinel in place of the answer, which locates the
+answer's slot in the template (searching for the answer itself could hit template text, e.g. ``im`` in
+``<|im_end|>``); a second rendering with the real answer must match it, or the template is refused as not
+writing answers verbatim. The text is then split into a prompt part and a scored part as above. The processor encodes
 the prompt (with the image, so image placeholders are expanded exactly as at generation time), and the answer's
 token ids are appended to it: a conversation is thus the prompt tokens the model would generate from, followed
 by the answer tokens it would have to generate. The answer ids are the tail of the tokenised ``prompt +
@@ -38,8 +41,9 @@ The decoder runs once per batch; only the hidden states at positions that predic
 ``(batch, seq)`` mask, so no ``batch × seq × vocab`` logits are ever built (see `bench/label.py`). Going
 through the model's own forward keeps whatever it does after the LM head (e.g. Gemma's
 ``final_logit_softcapping``). Models whose forward only accepts an integer ``logits_to_keep`` fall back to
-keeping the last ``k`` positions that cover every answer. Batches are right-padded by default (positions equal
-to an unpadded run for every position-embedding scheme); ``padding_side="left"`` is supported as well.
+keeping the last ``k`` positions that cover every answer. Batches are right-padded by default, so every token
+keeps the position it has in an unpadded run whatever the position-embedding scheme; ``padding_side="left"``
+gives the same NLLs (up to float rounding) for rotary and M-RoPE models, which the tested families are.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SENTINEL = "MEDQMANSWERSENTINEL7F3A"
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ def _to_pil(image: np.ndarray, index: int) -> Image.Image:
     u8 = np.round(arr * 255.0).astype(np.uint8)
     if u8.ndim == 2:
         u8 = np.repeat(u8[..., None], 3, axis=2)
-    return Image.fromarray(np.ascontiguousarray(u8), mode="RGB")
+    return Image.fromarray(np.ascontiguousarray(u8))  # uint8 H×W×3 -> RGB
 
 
 class HFDiagnosticModel:
@@ -226,24 +231,29 @@ class HFDiagnosticModel:
     def _split(self, question: str, answer: str) -> tuple[str, list[int]]:
         """(prompt text the processor encodes with the image, token ids of the scored part)."""
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-        reply = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+
+        def reply(text: str) -> dict:
+            return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
         prompt = self._render([user], add_generation_prompt=True)
-        full = self._render([user, reply])
-        if not full.startswith(prompt):
+        # locate the answer with a sentinel: searching for the answer itself could hit template text ("im" in
+        # "<|im_end|>", "think" in "<think>")
+        marked = self._render([user, reply(_SENTINEL)])
+        if not marked.startswith(prompt) or marked.count(_SENTINEL) != 1:
             raise ValueError(
-                f"{self.model_id}: the chat template's conversation does not start with its generation prompt "
-                f"(prompt ends {prompt[-40:]!r}, conversation reads {full[len(prompt) - 40:len(prompt) + 40]!r}); "
+                f"{self.model_id}: the chat template's conversation does not extend its generation prompt "
+                f"(prompt ends {prompt[-40:]!r}, conversation reads {marked[len(prompt) - 40:len(prompt) + 40]!r}); "
                 "cannot tell the answer apart"
             )
-        rest = full[len(prompt):]
-        at = rest.find(answer)
-        if at < 0:
+        rest = marked[len(prompt):]
+        at = rest.index(_SENTINEL)
+        lead, tail = rest[:at], rest[at + len(_SENTINEL):]
+        if self._render([user, reply(answer)]) != prompt + lead + answer + tail:
             raise ValueError(f"{self.model_id}: the chat template does not write the answer {answer!r} verbatim")
-        lead = rest[:at]
         space = lead[len(lead.rstrip()):]
         # template text between the generation prompt and the answer (e.g. an empty reasoning block) is context
         prompt += lead[: len(lead) - len(space)]
-        scored = space + answer + self._end_of_turn(rest[at + len(answer):])
+        scored = space + answer + self._end_of_turn(tail)
         tok = self.tokenizer
         ids_prompt = tok(prompt, add_special_tokens=False)["input_ids"]
         ids_full = tok(prompt + scored, add_special_tokens=False)["input_ids"]
@@ -299,26 +309,36 @@ class HFDiagnosticModel:
         sample_of = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(a) for a in answer_ids]))
         return _Encoded(out, keep, targets, sample_of, np.array([len(a) for a in answer_ids]))
 
-    def _answer_logits(self, inputs: dict[str, Any], keep: torch.Tensor, full_logits: bool) -> torch.Tensor:
-        """Logits (N, vocab) at the positions of ``keep``, row-major."""
-        if full_logits:
-            logits = self.model(**inputs, use_cache=False).logits  # (B, S, V): the memory-hungry reference
-            return logits[keep.to(logits.device)]
+    def _answer_logprobs(self, inputs: dict[str, Any], keep: torch.Tensor, full_logits: bool) -> torch.Tensor:
+        """Float32 log-probabilities (N, vocab) at the positions of ``keep``, row-major."""
+        import torch
+
+        if full_logits:  # the memory-hungry reference: logits and log-probs at every position
+            logp = torch.log_softmax(self.model(**inputs, use_cache=False).logits.float(), dim=-1)  # (B, S, V)
+            return logp[keep.to(logp.device)]
         if self._keep_mode == "mask":
             try:
                 logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits
-            except (TypeError, IndexError, RuntimeError) as err:
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, IndexError, RuntimeError) as err:  # forwards that slice with an int only
                 log.info("%s: boolean logits_to_keep unsupported (%s); keeping the last positions", self.model_id, err)
                 logits = None
             if logits is not None and logits.ndim == 2 and logits.shape[0] == int(keep.sum()):
-                return logits
+                return torch.log_softmax(logits.float(), dim=-1)
             self._keep_mode = "last"
         first = int(keep.any(0).nonzero().min())
         k = keep.shape[1] - first
-        logits = self.model(**inputs, use_cache=False, logits_to_keep=k).logits  # (B, k, V)
+        try:
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=k).logits  # (B, k, V)
+        except TypeError as err:
+            raise ValueError(
+                f"{self.model_id}: {type(self.model).__name__}.forward does not take logits_to_keep; "
+                "this backend needs a transformers>=5 generative model"
+            ) from err
         if logits.ndim != 3 or logits.shape[1] != k:
             raise RuntimeError(f"{self.model_id}: forward ignores logits_to_keep (got logits {tuple(logits.shape)})")
-        return logits[keep[:, first:].to(logits.device)]
+        return torch.log_softmax(logits[keep[:, first:].to(logits.device)].float(), dim=-1)
 
     def _run(self, images, questions, answers, *, full_logits: bool) -> AnswerScores:
         import torch
@@ -350,8 +370,7 @@ class HFDiagnosticModel:
                     if isinstance(v, torch.Tensor) else v
                     for k, v in enc.inputs.items()
                 }
-                logits = self._answer_logits(inputs, enc.keep.to(device), full_logits)
-                logp = torch.log_softmax(logits.float(), dim=-1)
+                logp = self._answer_logprobs(inputs, enc.keep.to(device), full_logits)
                 token_lp = logp.gather(1, enc.targets.to(logp.device)[:, None])[:, 0].double().cpu()
                 sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, enc.sample_of, token_lp)
                 nll[idx] = -sums.numpy()
@@ -454,3 +473,26 @@ def load_model(
         model, processor, model_id=model_id, revision=revision, batch_size=batch_size, padding_side=padding_side
     )
 
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a label row records about its model, without the weights."""
+
+    model_id: str
+    revision: str
+
+
+def model_identity(name_or_path: str | Path) -> ModelIdentity:
+    """The (model_id, revision) `load_model` would report, read from the config only (for Ray drivers)."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        from transformers import AutoConfig
+
+        commit = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "_commit_hash", None)
+        return ModelIdentity(path.resolve().name, str(commit) if commit else _local_fingerprint(path))
+    from transformers import AutoConfig
+
+    commit = getattr(AutoConfig.from_pretrained(text), "_commit_hash", None)
+    return ModelIdentity(text, str(commit) if commit else "unknown")

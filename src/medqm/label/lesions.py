@@ -1,11 +1,12 @@
 """Synthetic lesions inserted into real backgrounds (hybrid images) for lesion-detection questions.
 
 Task-based image-quality studies put simulated lesions into real patient backgrounds, so the truth (present
-or not, where) is known exactly while the anatomy and noise stay real (e.g. Samei et al., "Hybrid images",
-Med. Phys. 2003; Solomon & Samei, "A generic framework to simulate realistic lung, liver and renal
-pathologies in CT imaging", Phys. Med. Biol. 2014). `insert_lesion` does this in the 2D display image; a
-lesion set (`make_lesion_set`) pairs every hybrid with its untouched background, so a VLM's answers to
-"Is there a lesion?" and "In which quadrant?" can be scored and degraded by the distortions.
+or not, where) is known exactly while the anatomy and noise stay real (e.g. Samei, Flynn & Eyler,
+"Simulation of subtle lung nodules in projection chest radiography", Radiology 1997; Solomon & Samei, "A
+generic framework to simulate realistic lung, liver and renal pathologies in CT imaging", Phys. Med. Biol.
+2014). `insert_lesion` does this in the 2D display image; a lesion set (`make_lesion_set`) pairs every
+hybrid with its untouched background, so a VLM's answers to "Is there a lesion?" and "In which quadrant?"
+can be scored, and degraded by the distortions.
 
 The lesion model, per image (all lengths in pixels of the given image, intensities in display units, i.e.
 the [0, 1] pixels of `medqm.io.MedImage`):
@@ -14,24 +15,31 @@ the [0, 1] pixels of `medqm.io.MedImage`):
   with a2 ~ U(0, 0.12), a4 ~ U(0, 0.06), φ ~ U(0, 2π). Only even harmonics, so the shape is point-symmetric
   about its centre and the mask centroid *is* the centre.
 - Edge: Gaussian-blurred (an erf ramp), opacity ``α = ½·erfc((r − R(θ)) / (√2·w))`` with w ~ U(edge)·R
-  (at least 0.6 px); the mask is ``r ≤ R(θ)`` (the α = ½ contour).
-- Intensity: ``T = μ + c·v`` where μ is the local background level (median within 1.5 R), c the signed
-  contrast and v the colour direction (1 for grey images; a dark-red or a yellow direction of unit
-  luminance for fundus photographs).
-- Texture: a noise field whose high-pass residual (image minus its Gaussian blur, σ = 1.5 px) has the same
-  robust std as the background's residual within 3 R, and whose lag-1 autocorrelation is matched by choosing
-  the noise's blur. A solid lesion is then ``out = (1 − α)·b + α·(T + t)``: it replaces the tissue it
-  occupies (CT, MR, fundus). Radiographs are projections, so there the lesion's attenuation adds to what
-  lies in front of and behind it: ``out = b + α·c`` and the real anatomy and noise show through (opacity
-  0 in `LESION_PARAMS`).
+  (at least 0.6 px), set to 0 below 10⁻³; the mask is ``r ≤ R(θ)`` (the α = ½ contour). ``r_out =
+  R·(1 + a2 + a4) + 2w`` bounds the lesion's visible extent.
+- Background statistics come from the ring ``r_out ≤ r ≤ 3R`` around the site (inside the anatomy): its
+  mean μ (per channel), the std σ of its luminance, and the robust std (1.4826·MAD) of its high-pass
+  residual (image minus its Gaussian blur, σ = 1.5 px) per channel, plus the residual's lag-1
+  autocorrelation within 3R.
+- Intensity: ``T = μ + c·v``, c the signed contrast and v its direction per channel (1 for grey images; a
+  dark-red or a yellow direction of unit luminance for fundus photographs).
+- Texture: t, a noise field whose high-pass residual has the ring's residual std and (by choosing the
+  noise's blur among `_NOISE_BLURS`) about its lag-1 autocorrelation. A solid lesion replaces the tissue
+  it occupies (CT, MR, fundus): ``out = (1 − α)·b + α·(T + t)``. Radiographs are projections, so there
+  the lesion's attenuation adds to what lies in front of and behind it: ``out = b + α·c·v``, the real
+  anatomy and noise show through (opacity 0 in `LESION_PARAMS`), and sites where the mean under the
+  lesion differs from μ by more than σ/4 are refused (the background's step would be the contrast).
 - Site: a pixel of the anatomy (``body_mask``, or `anatomy_mask`: Otsu on the smoothed image, holes
-  filled, so black padding and the air around the patient are never used) at least the lesion's outer
-  radius from the anatomy's edge and the image's border, and at least ``max(2, R/2)`` px from the image's
-  midlines so the quadrant answer is unambiguous.
+  filled, never black, so padding, the air around the patient and bowel gas are never used), at least
+  r_out from the anatomy's edge and the image's border, and at least ``max(2, R/2)`` px from the image's
+  midlines so the quadrant answer is unambiguous (optionally within one given quadrant). Up to 150 sites
+  are drawn uniformly from the more homogeneous half of the candidates (by the local std over 6R), then up
+  to 50 from the rest; the first admissible one is used.
 - Contrast: |c| ~ U(lo, hi) where ``lo = max(contrast[0], cnr[0]·σ)``, ``hi = min(contrast[1], cnr[1]·σ,
-  headroom)``, σ the std of the background in the ring R+2w … 3R around the site and headroom what keeps
-  ``T ± 2·texture std`` inside [0.02, 0.98] (no clipping that would flatten the texture). Sites where
-  lo > hi are rejected and another site is drawn (up to 200). The sign comes from the lesion kind.
+  headroom)``, headroom what keeps ``T ± 2·texture std`` inside [0.02, 0.98] (no clipping that would
+  flatten the texture; for radiographs, the 5th–95th percentile under the lesion plus c). A site with
+  lo > hi is refused. The sign comes from the lesion kind, drawn with the modality's ``kind_p``; where no
+  site admits it, the modality's other kinds are tried.
 
 So a lesion is never a flat sticker (texture and edge match the surroundings) and never invisible or
 glaring: its contrast-to-noise ratio against the local anatomy is kept within ``cnr`` of its modality.
@@ -48,11 +56,13 @@ from typing import Any
 
 import numpy as np
 
-from .tasks import image_quadrant
+from .tasks import QUADRANTS, image_quadrant
 
+BLACK_LEVEL = 0.05  # smoothed display value below which an image is black (padding, air, gas): no lesion there
 HP_SIGMA = 1.5  # px; the high-pass residual is image − gaussian(image, HP_SIGMA)
 LOCAL_RADIUS = 3.0  # × R: the neighbourhood whose statistics the lesion matches
 MAX_SITE_TRIES = 200
+TEXTURE_FLOOR = 0.3 / 255  # texture std used where the background's residual is flat (8-bit flat areas)
 _LUMA = np.array([0.299, 0.587, 0.114], np.float64)  # ITU-R BT.601, as Pillow's convert("L")
 _NOISE_BLURS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0)  # candidate texture correlation (px)
 
@@ -79,12 +89,12 @@ class LesionParams:
 
 LESION_PARAMS: dict[str, LesionParams] = {
     # solid pulmonary / soft-tissue nodule, denser than its surroundings
-    "CT": LesionParams((4.0, 9.0), (0.08, 0.40), (1.5, 5.0), (0.15, 0.3), (LesionKind("nodule", +1),), (1.0,), 1.0),
+    "CT": LesionParams((4.0, 9.0), (0.15, 0.45), (1.8, 5.0), (0.15, 0.3), (LesionKind("nodule", +1),), (1.0,), 1.0),
     # MR lesions are hyper- or hypointense depending on tissue and sequence
-    "MR": LesionParams((4.0, 10.0), (0.08, 0.35), (1.5, 5.0), (0.15, 0.3),
+    "MR": LesionParams((4.0, 10.0), (0.10, 0.35), (1.8, 5.0), (0.15, 0.3),
                        (LesionKind("hyperintense lesion", +1), LesionKind("hypointense lesion", -1)), (0.5, 0.5), 1.0),
     # nodule on a radiograph: extra attenuation, brighter where bone is white
-    "XR": LesionParams((5.0, 11.0), (0.05, 0.25), (1.5, 5.0), (0.25, 0.45), (LesionKind("nodule", +1),), (1.0,), 0.0),
+    "XR": LesionParams((5.0, 11.0), (0.06, 0.25), (1.8, 5.0), (0.25, 0.45), (LesionKind("nodule", +1),), (1.0,), 0.0),
     # retinal blot haemorrhage (dark red) or hard exudate (yellow)
     "FUNDUS": LesionParams((3.0, 7.0), (0.06, 0.25), (2.0, 8.0), (0.2, 0.4),
                            (LesionKind("haemorrhage", -1, (0.8, 1.1, 0.6)), LesionKind("exudate", +1, (0.6, 1.0, 0.25))),
@@ -94,6 +104,11 @@ LESION_PARAMS: dict[str, LesionParams] = {
 
 def _rgb_luma(px: np.ndarray) -> np.ndarray:
     return px @ _LUMA if px.ndim == 3 else px
+
+
+def _lum(v: np.ndarray) -> float:
+    """Luminance of one pixel value given per channel (1 or 3 values)."""
+    return float(v @ _LUMA) if v.size == 3 else float(v[0])
 
 
 def _check_pixels(pixels) -> np.ndarray:
@@ -108,18 +123,20 @@ def _check_pixels(pixels) -> np.ndarray:
 
 
 def anatomy_mask(pixels, *, sigma: float = 2.0) -> np.ndarray:
-    """Where the patient is: the smoothed image above half its Otsu threshold (≥ 0.04), holes filled.
+    """Where the patient is: the smoothed image (σ = 2 px) above half its Otsu threshold, holes filled,
+    never where it is black (≤ `BLACK_LEVEL`).
 
     Half of Otsu keeps dark tissue (lung in a lung window, fat) while dropping black padding and the air
-    around the patient; filling holes brings back enclosed dark organs (lungs, ventricles). Returns bool H×W.
+    around the patient; filling holes brings back enclosed dark organs (lungs, ventricles), but not black
+    ones (bowel gas in a soft-tissue window), where a lesion would sit on nothing. Returns bool H×W.
     """
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
     grey = _rgb_luma(_check_pixels(pixels))
     smooth = ndimage.gaussian_filter(grey, sigma)
-    thr = max(0.04, 0.5 * float(threshold_otsu(smooth))) if np.ptp(smooth) > 0 else 0.04
-    return ndimage.binary_fill_holes(smooth > thr)
+    thr = max(BLACK_LEVEL, 0.5 * float(threshold_otsu(smooth))) if np.ptp(smooth) > 0 else BLACK_LEVEL
+    return ndimage.binary_fill_holes(smooth > thr) & (smooth > BLACK_LEVEL)
 
 
 def _highpass(px: np.ndarray) -> np.ndarray:
@@ -182,7 +199,7 @@ def _params_for(modality: str) -> tuple[str, LesionParams]:
 
 def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius: float | None = None,
                   contrast: float | None = None, center: tuple[int, int] | None = None,
-                  kind: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                  kind: str | None = None, quadrant: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Insert one synthetic lesion into a real image (see the module docstring for the model).
 
     Args:
@@ -196,6 +213,8 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
             explicitly, it is used as is (sites with the headroom for it are preferred).
         center: (row, col) of the lesion centre; default a random valid site.
         kind: one of the modality's lesion kinds (e.g. 'haemorrhage', 'exudate'); default drawn.
+        quadrant: restrict the site to one image quadrant ('upper left', ..., see
+            `medqm.label.tasks.QUADRANTS`); lets a lesion set balance its quadrant answers.
 
     Returns:
         ``(pixels_out, mask, info)``: float32 pixels of the input's shape in [0, 1], the bool mask
@@ -225,12 +244,14 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
     if kind is not None:
         if kind not in names:
             raise ValueError(f"kind {kind!r} is not a {mod} lesion kind; expected one of {names}")
-        lk = prm.kinds[names.index(kind)]
+        kinds = [prm.kinds[names.index(kind)]]
     elif contrast is not None:
         signed = [k for k in prm.kinds if k.sign == (1 if contrast >= 0 else -1)]
-        lk = signed[0] if signed else prm.kinds[0]
+        kinds = [signed[0] if signed else prm.kinds[0]]
     else:
-        lk = prm.kinds[int(rng.choice(len(prm.kinds), p=np.asarray(prm.kind_p)))]
+        # the drawn kind first; the others only where it fits nowhere (a bright lesion in bright white matter)
+        first = int(rng.choice(len(prm.kinds), p=np.asarray(prm.kind_p)))
+        kinds = [prm.kinds[first]] + [k for i, k in enumerate(prm.kinds) if i != first]
     scale = min(H, W) / 256.0
     R = float(radius) if radius is not None else float(rng.uniform(*prm.radius)) * scale
     if not R > 0:
@@ -240,16 +261,16 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
     ph2, ph4 = rng.uniform(0, 2 * np.pi, 2)
     r_out = R * (1 + a2 + a4) + 2 * w  # where α has fallen below ~2 %
 
-    v = np.ones(1)
-    if colour:
-        if lk.colour is None:
-            raise ValueError(f"{mod} lesions are grey; got a colour image")
-        v = np.asarray(lk.colour, np.float64)
-        v = v / float(v @ _LUMA)
-    elif lk.colour is not None:
-        v = np.ones(1)  # a grey fundus image: the lesion's luminance change only
+    def direction(lk: LesionKind) -> np.ndarray:
+        # contrast per channel with unit luminance: a grey lesion changes all channels alike, a grey image
+        # of a colour kind (a red-free fundus photograph) gets the luminance change only
+        if not colour:
+            return np.ones(1)
+        v = np.asarray(lk.colour if lk.colour is not None else (1.0, 1.0, 1.0), np.float64)
+        return v / float(v @ _LUMA)
 
     # --- candidate sites
+    grey = _rgb_luma(px)
     rows, cols = np.mgrid[0:H, 0:W]
     if center is not None:
         r0, c0 = int(round(center[0])), int(round(center[1]))
@@ -261,56 +282,78 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
         band = max(2.0, R / 2)
         ok = (dist >= r_out) & (rows >= r_out) & (rows <= H - 1 - r_out) & (cols >= r_out) & (cols <= W - 1 - r_out)
         ok &= (np.abs(rows - (H - 1) / 2) >= band) & (np.abs(cols - (W - 1) / 2) >= band)
+        if quadrant is not None:
+            if quadrant not in QUADRANTS:
+                raise ValueError(f"quadrant must be one of {QUADRANTS}, got {quadrant!r}")
+            upper, left = quadrant.startswith("upper"), quadrant.endswith("left")
+            ok &= ((rows < (H - 1) / 2) == upper) & ((cols < (W - 1) / 2) == left)
         cand = np.flatnonzero(ok)
         if cand.size == 0:
-            raise ValueError(f"no room for a lesion of radius {R:.1f} px inside the anatomy "
+            where = f" in the {quadrant} quadrant" if quadrant else ""
+            raise ValueError(f"no room for a lesion of radius {R:.1f} px inside the anatomy{where} "
                              f"({int(anat.sum())} anatomy pixels; pass body_mask or a smaller radius)")
-        sites = rng.permutation(cand)[:MAX_SITE_TRIES]
+        # try the more homogeneous half of the sites first (parenchyma rather than organ borders), where a
+        # lesion's contrast is defined by its surroundings rather than by an edge next to it
+        size = int(2 * LOCAL_RADIUS * R) | 1
+        var = ndimage.uniform_filter(grey * grey, size) - ndimage.uniform_filter(grey, size) ** 2
+        local_sd = np.sqrt(np.maximum(var, 0)).ravel()[cand]
+        calm = local_sd <= np.median(local_sd)
+        n_calm = (3 * MAX_SITE_TRIES) // 4
+        sites = np.concatenate([rng.permutation(cand[calm])[:n_calm],
+                                rng.permutation(cand[~calm])[:MAX_SITE_TRIES - n_calm]])
 
     hp = _highpass(px)
     hp_grey = _rgb_luma(hp)
-    grey = _rgb_luma(px)
     lo_c, hi_c = prm.contrast
     chosen = None
-    for s in sites:
-        r0, c0 = divmod(int(s), W)
-        d = np.hypot(rows - r0, cols - c0)
-        local = (d <= LOCAL_RADIUS * R) & anat
-        ring = local & (d >= R + 2 * w)
-        inner = (d <= 1.5 * R) & anat
-        if ring.sum() < 12 or inner.sum() < 4:
-            if center is None:
+    reach = int(np.ceil(LOCAL_RADIUS * R)) + 1
+    for lk in kinds:
+        v = direction(lk)
+        for s in sites:
+            r0, c0 = divmod(int(s), W)
+            win = (slice(max(0, r0 - reach), min(H, r0 + reach + 1)), slice(max(0, c0 - reach), min(W, c0 + reach + 1)))
+            d = np.hypot(rows[win] - r0, cols[win] - c0)
+            local = (d <= LOCAL_RADIUS * R) & anat[win]
+            ring = local & (d >= r_out)
+            if ring.sum() < 12:
+                if center is None:
+                    continue
+                local = ring = d <= LOCAL_RADIUS * R  # an explicit centre off the anatomy: use what is there
+            pxw = px[win].reshape(ring.size, -1)
+            mu = pxw[ring.ravel()].mean(axis=0)
+            sig_tex = np.maximum(_robust_std(hp[win].reshape(ring.size, -1)[ring.ravel()]), TEXTURE_FLOOR)
+            sig_bg = max(float(grey[win][ring].std()), 1.0 / 255)
+            if prm.opacity > 0:
+                top = 0.98 - mu - 2 * sig_tex  # per channel room above, below
+                bottom = mu - 0.02 - 2 * sig_tex
+            else:
+                under = pxw[(d <= R).ravel()]
+                top = 0.98 - np.percentile(under, 95, axis=0)
+                bottom = np.percentile(under, 5, axis=0) - 0.02
+                # an added lesion keeps what lies under it: that must look like its surroundings, or the
+                # lesion's apparent contrast is the background's step rather than c
+                if center is None and abs(_lum(under.mean(axis=0)) - _lum(mu)) > 0.25 * sig_bg:
+                    continue
+            room = (top if lk.sign > 0 else bottom) / v
+            headroom = float(room.min())
+            if contrast is not None:
+                if headroom >= abs(contrast) or center is not None or chosen is None:
+                    chosen = (r0, c0, mu, sig_tex, sig_bg, float(contrast))
+                if headroom >= abs(contrast) or center is not None:
+                    break
                 continue
-            local = ring = inner = d <= LOCAL_RADIUS * R  # an explicit centre off the anatomy: use what is there
-        pxl = px.reshape(H * W, -1)
-        mu = np.median(pxl[inner.ravel()], axis=0)
-        sig_tex = np.maximum(_robust_std(hp.reshape(H * W, -1)[local.ravel()]), 0.5 / 255)
-        sig_bg = max(float(grey[ring].std()), 1.0 / 255)
-        if prm.opacity > 0:
-            top = 0.98 - mu - 2 * sig_tex  # per channel room above, below
-            bottom = mu - 0.02 - 2 * sig_tex
-        else:
-            under = pxl[(d <= R * (1 + a2 + a4)).ravel()]
-            top = 0.98 - np.percentile(under, 95, axis=0)
-            bottom = np.percentile(under, 5, axis=0) - 0.02
-        room = (top if lk.sign > 0 else bottom) / v
-        headroom = float(room.min())
-        if contrast is not None:
-            if headroom >= abs(contrast) or center is not None or chosen is None:
-                chosen = (r0, c0, mu, sig_tex, sig_bg, float(contrast))
-            if headroom >= abs(contrast) or center is not None:
+            lo = max(lo_c, prm.cnr[0] * sig_bg)
+            hi = min(hi_c, prm.cnr[1] * sig_bg, headroom)
+            if lo <= hi:
+                chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(rng.uniform(lo, hi)))
                 break
-            continue
-        lo = max(lo_c, prm.cnr[0] * sig_bg)
-        hi = min(hi_c, prm.cnr[1] * sig_bg, headroom)
-        if lo <= hi:
-            chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(rng.uniform(lo, hi)))
+            if center is not None:  # no admissible contrast at the requested centre: take the nearest bound
+                chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(max(min(lo, headroom), 0.0)))
+        if chosen is not None:
             break
-        if center is not None:  # no admissible contrast at the requested centre: take the nearest bound
-            chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(max(min(lo, headroom), 0.0)))
     if chosen is None:
-        raise ValueError(f"no site in the anatomy admits a {mod} lesion of radius {R:.1f} px with contrast in "
-                         f"{prm.contrast} and CNR in {prm.cnr} (tried {len(sites)} sites)")
+        raise ValueError(f"no site in the anatomy admits a {mod} lesion ({', '.join(k.name for k in kinds)}) of radius "
+                         f"{R:.1f} px with contrast in {prm.contrast} and CNR in {prm.cnr} (tried {len(sites)} sites)")
     r0, c0, mu, sig_tex, sig_bg, c = chosen
 
     # --- render in a bounding box
@@ -321,6 +364,7 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
     rr, th = np.hypot(dy, dx), np.arctan2(dy, dx)
     boundary = R * (1 + a2 * np.cos(2 * (th - ph2)) + a4 * np.cos(4 * (th - ph4)))
     alpha = 0.5 * erfc((rr - boundary) / (np.sqrt(2) * w))
+    alpha[alpha < 1e-3] = 0.0  # the lesion ends ~3 w beyond its boundary: pixels further out stay untouched
     mask = np.zeros((H, W), bool)
     mask[y0:y1, x0:x1] = rr <= boundary
 
@@ -354,9 +398,9 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
         "edge_width": w,
         "lobulation": (a2, a4),
         "opacity": prm.opacity,
-        "local_mean": float(mu @ _LUMA) if colour else float(mu[0]),
+        "local_mean": _lum(mu),
         "local_std": sig_bg,
-        "texture_std": float(sig_tex @ _LUMA) if colour else float(sig_tex[0]),
+        "texture_std": _lum(sig_tex),
         "texture_blur": blur,
         "cnr": abs(c) / sig_bg,
     }
@@ -367,8 +411,10 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
 # lesion sets
 
 DEFAULT_PER_MODALITY = {"CT": 60, "MR": 60, "XR": 20, "FUNDUS": 13}
+# background_lesion: the background's own lesion field in its collection ('0', or '' = unknown), so a
+# strict analysis can keep only negatives known to be lesion-free
 LESION_COLUMNS = ("lesion_center_row", "lesion_center_col", "lesion_radius", "lesion_contrast", "lesion_kind",
-                  "background_id")
+                  "background_id", "background_lesion")
 
 
 def _spread_order(n: int) -> list[int]:
@@ -399,17 +445,24 @@ def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None 
                     seed: int = 0) -> list[dict[str, Any]]:
     """Build a hybrid lesion set from a collection's lesion-free backgrounds.
 
-    For each modality in ``per_modality`` (default `DEFAULT_PER_MODALITY`: CT 60, MR 60, XR 20, FUNDUS 13,
-    i.e. 153 backgrounds; the demo collection holds 99 / 161 / 20 / 13 usable ones) backgrounds are drawn
-    from images whose ``lesion`` is 0 or unknown (never the lesion-positive ones), round-robin over cases
-    and spread within each case. Every background gives ``variants`` lesion-positive hybrids (ids
-    ``<bg_id>-synles<k>``, seeds derived from ``seed``, k and the id, so a row does not depend on which other
-    rows are built) and one lesion-negative copy (``<bg_id>-synneg``). All keep the background's case_id,
-    so case-level splits stay leak-free. A background without room for a lesion is skipped.
+    For each modality in ``per_modality`` (default `DEFAULT_PER_MODALITY`: CT 60, MR 60, XR 20, FUNDUS 13)
+    backgrounds are drawn from images whose ``lesion`` is 0 or unknown (never the lesion-positive ones),
+    round-robin over cases and spread within each case; a background without room for a lesion (e.g. a
+    neck slice in a lung window, all soft tissue with no headroom for a brighter nodule) is skipped and the
+    next one taken. Every background gives ``variants`` lesion-positive hybrids (``<bg_id>-synles<k>``) and
+    one lesion-negative copy (``<bg_id>-synneg``), all with the background's case_id so case-level splits
+    stay leak-free. The k-th background's lesions aim at the four quadrants in turn (another quadrant where
+    that one has no room), so quadrant answers are balanced. Seeds derive from ``seed``, the variant and the
+    background id: the set is deterministic, and raising a count keeps the rows already made.
+
+    A negative copy has lesion 0 meaning "no inserted lesion"; where its background's own lesion field was
+    unknown (every demo radiograph, a few CT and MR images) real pathology cannot be ruled out, which the
+    ``background_lesion`` column records ('0' or '').
 
     ``out_dir`` receives ``images/<MOD>/<id>.png`` (8-bit, L or RGB as the background), ``masks/<id>.png``
     (0/255; all zero for negatives) and ``manifest.csv`` in the demo schema plus the columns in
-    `LESION_COLUMNS` (empty on negative rows). Returns the manifest rows as dicts.
+    `LESION_COLUMNS` (the lesion_* ones empty on negative rows); the manifest is rewritten, other files
+    already there are left alone. Returns the manifest rows as dicts.
     """
     from medqm.io.collection import MANIFEST, load_manifest, read_collection_image
 
@@ -423,7 +476,9 @@ def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None 
     base_cols = [c for c in df.columns if c != "abs_path"]
     rows: list[dict[str, Any]] = []
     for mod, want in per_modality.items():
-        g = df[(df["modality"] == mod) & (df["lesion"].astype(str).str.strip() != "1")] if "lesion" in df else df[df["modality"] == mod]
+        g = df[df["modality"] == mod]
+        if "lesion" in g:
+            g = g[g["lesion"].astype(str).str.strip() != "1"]
         queues = []
         for _, c in sorted(g.groupby("case_id", sort=True), key=lambda kv: kv[0]):
             c = c.sort_values("id")
@@ -438,22 +493,30 @@ def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None 
                 px = img.pixels
                 made = []
                 for k in range(1, variants + 1):
-                    rng = np.random.default_rng([seed, k, zlib.crc32(str(bg["id"]).encode())])
-                    try:
-                        made.append(insert_lesion(px, rng_or_seed=rng, modality=mod))
-                    except ValueError:
+                    # target quadrants in turn so the quadrant answers are balanced; fall back to the others
+                    first = (done + k - 1) % len(QUADRANTS)
+                    for attempt in range(len(QUADRANTS)):
+                        quad = QUADRANTS[(first + attempt) % len(QUADRANTS)]
+                        rng = np.random.default_rng([seed, k, attempt, zlib.crc32(str(bg["id"]).encode())])
+                        try:
+                            made.append(insert_lesion(px, rng_or_seed=rng, modality=mod, quadrant=quad))
+                            break
+                        except ValueError:
+                            continue
+                    if len(made) < k:
                         break
                 if len(made) < variants:
                     continue
                 done += 1
                 bg_id = str(bg["id"])
+                bg_lesion = str(bg.get("lesion", "")).strip()
                 base = {c: bg[c] for c in base_cols}
                 neg_id = f"{bg_id}-synneg"
                 _save_png(img.to_uint8(), out_dir / "images" / mod / f"{neg_id}.png")
                 _save_png(np.zeros(px.shape[:2], np.uint8), out_dir / "masks" / f"{neg_id}.png")
                 rows.append({**base, "id": neg_id, "lesion": 0, "mask": f"masks/{neg_id}.png",
                              "path": f"images/{mod}/{neg_id}.png", **{c: "" for c in LESION_COLUMNS},
-                             "background_id": bg_id})
+                             "background_id": bg_id, "background_lesion": bg_lesion})
                 for k, (out, mask, info) in enumerate(made, start=1):
                     pid = f"{bg_id}-synles{k}"
                     _save_png(np.round(out * 255).astype(np.uint8), out_dir / "images" / mod / f"{pid}.png")
@@ -462,7 +525,7 @@ def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None 
                                  "path": f"images/{mod}/{pid}.png", "source_file": f"synthetic lesion on {bg_id}",
                                  "lesion_center_row": info["center"][0], "lesion_center_col": info["center"][1],
                                  "lesion_radius": round(info["radius"], 3), "lesion_contrast": round(info["contrast"], 4),
-                                 "lesion_kind": info["kind"], "background_id": bg_id})
+                                 "lesion_kind": info["kind"], "background_id": bg_id, "background_lesion": bg_lesion})
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = base_cols + [c for c in LESION_COLUMNS if c not in base_cols]
     with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
