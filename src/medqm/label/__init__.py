@@ -1,0 +1,31 @@
+"""MedQM-D: label image quality by an MLLM's diagnostic loss (teacher-forced answer NLL) and a sigmoid map."""
+
+from ._protocol import DiagnosticModel
+from .quality import DEFAULT_MAP, QualityMap, diagnostic_loss, likelihood_ratio, loss_to_quality, quality_to_loss
+from .runner import read_labels, run_labels
+from .tasks import VQAItem, demo_questions, read_slake, read_tasks, read_vqa_rad, write_tasks
+
+__all__ = [
+    "DiagnosticModel",
+    "QualityMap",
+    "DEFAULT_MAP",
+    "diagnostic_loss",
+    "loss_to_quality",
+    "quality_to_loss",
+    "likelihood_ratio",
+    "run_labels",
+    "read_labels",
+    "VQAItem",
+    "read_tasks",
+    "write_tasks",
+    "read_vqa_rad",
+    "read_slake",
+    "demo_questions",
+]
+
+
+def load_model(*args, **kwargs):
+    """`medqm.label.hf.load_model`, imported lazily so `import medqm.label` stays light."""
+    from .hf import load_model as _load
+
+    return _load(*args, **kwargs)
