@@ -58,3 +58,33 @@ def test_data_summary_on_a_small_collection(tmp_path):
 def test_data_summary_without_manifest_is_a_clear_error(tmp_path):
     r = run("data", "summary", str(tmp_path))
     assert r.returncode == 2 and "manifest.csv" in r.stdout
+
+
+def test_label_end_to_end_with_a_tiny_model(tmp_path):
+    """`medqm label --plan quick` on a three-image collection with a tiny LLaVA built and saved locally."""
+    import pandas as pd
+
+    from medqm.io.collection import default_collection, load_manifest
+    from medqm.label.tiny import build_tiny_vlm
+
+    model = build_tiny_vlm("llava", tmp_path / "tiny-llava", seed=0)
+    df = load_manifest(default_collection())
+    sub = df[df.modality.isin(["CT", "US", "PATH"])].groupby("modality").head(1).drop(columns=["abs_path"])
+    coll = tmp_path / "coll"
+    for p in sub.path:
+        (coll / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(default_collection() / p, coll / p)
+    sub.to_csv(coll / "manifest.csv", index=False)
+    out = tmp_path / "labels"
+    r = run("label", "--tasks", "demo", "--collection", str(coll), "--plan", "quick", "--model", str(model),
+            "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    labels = pd.read_parquet(out / "labels.parquet")
+    dist = pd.read_parquet(out / "distorted" / "manifest.parquet")
+    assert len(labels) == len(dist) + 3 and set(labels.ref_id) == set(sub.id)
+    assert labels.quality.between(0, 1).all() and (labels.model_id == "tiny-llava").all()
+    assert (labels[labels.type == "reference"].quality.round(6) == 0.9).all()
+    r2 = run("label", "--tasks", "demo", "--collection", str(coll), "--plan", "quick", "--model", str(model),
+             "--out", str(out))
+    assert r2.returncode == 0 and "already done" in r2.stdout
+    pd.testing.assert_frame_equal(labels, pd.read_parquet(out / "labels.parquet"))
