@@ -197,6 +197,9 @@ def label(
 
     console = _console()
     coll = collection or default_collection()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the rich bar below is the one progress display
     try:
         from medqm.label import runner
         from medqm.label.tasks import demo_questions, read_tasks
