@@ -59,7 +59,7 @@ def _first(value) -> float | None:
 
 
 def _sop_name(ds) -> str:
-    uid = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None) if hasattr(ds, "get") else None
+    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     if uid is None:
         return "unknown SOP class"
     return getattr(uid, "name", str(uid))

@@ -94,7 +94,7 @@ def apply_window(values: np.ndarray, window: tuple[float, float] | str) -> tuple
         center, width = window
         lo, hi = center - width / 2.0, center + width / 2.0
     lo, hi = float(lo), float(hi)
-    if hi <= lo:  # constant image: map to mid-grey-free zeros rather than dividing by zero
+    if hi <= lo:  # a constant image: all zeros rather than a division by zero
         return np.zeros_like(v, dtype=np.float32), ((lo + hi) / 2.0, 1.0)
     out = np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     return out, ((lo + hi) / 2.0, hi - lo)
