@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medqm import __version__
+from medqm._fs import atomic_path, write_parquet, write_records_csv
 from medqm.io import MedQMReadError
 from medqm.io.collection import load_manifest, read_collection_image
 
@@ -144,10 +145,8 @@ def _is_color(row) -> bool:
 def _save_png(pixels: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(np.round(pixels * 255.0).astype(np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)  # atomic: a reader never sees half an image
+    with atomic_path(path) as tmp:  # a reader never sees half an image
+        Image.fromarray(np.round(pixels * 255.0).astype(np.uint8)).save(tmp, format="PNG")
 
 
 def run_job(job: Job, out: str) -> list[dict[str, Any]]:
@@ -291,7 +290,6 @@ def run_plan(
 def write_manifest(out: Path, records: dict[str, dict], meta: dict) -> Path:
     """Parquet manifest sorted by dist_id (so it does not depend on completion order), plan in its metadata."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = [records[k] for k in sorted(records)]
     table = pa.table({
@@ -299,24 +297,11 @@ def write_manifest(out: Path, records: dict[str, dict], meta: dict) -> Path:
         for c in MANIFEST_COLUMNS
     })
     table = table.replace_schema_metadata({"medqm": json.dumps(meta, sort_keys=True)})
-    path = out / "manifest.parquet"
-    tmp = out / ".manifest.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_parquet(table, out / "manifest.parquet")
 
 
 def _write_failures(out: Path, failures: list[dict]) -> None:
-    import csv
-
-    path = out / "failures.csv"
-    if not failures:
-        path.unlink(missing_ok=True)
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["dist_id", "ref_id", "type", "level", "seed", "reason"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(failures)
+    write_records_csv(out / "failures.csv", failures, ["dist_id", "ref_id", "type", "level", "seed", "reason"])
 
 
 def read_manifest(out: str | Path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from medqm import __version__
+from medqm._fs import atomic_path, write_parquet, write_records_csv
 from medqm.io import MedQMReadError, read_image
 
 from ._protocol import DiagnosticModel
@@ -92,19 +92,11 @@ def _score(model: DiagnosticModel, images: list[np.ndarray], questions: list[str
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _atomic_parquet(rows: list[dict], columns: Sequence[str], path: Path, metadata: dict | None = None) -> None:
+def _atomic_parquet(rows: list[dict], columns: Sequence[str], path: Path) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=None) if rows else pa.table({c: pa.array([], pa.string()) for c in columns})
-    if rows:
-        table = table.select(list(columns))
-    if metadata:
-        table = table.replace_schema_metadata({k: json.dumps(v, sort_keys=True) for k, v in metadata.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    table = pa.Table.from_pylist(rows).select(list(columns)) if rows else pa.table({c: pa.array([], pa.string()) for c in columns})
+    write_parquet(table, path)
 
 
 Triple = tuple[str, str, str, str]  # (owner id, image path, question, answer)
@@ -274,10 +266,8 @@ def run_labels(
 
 
 def _atomic_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj))
 
 
 def _shard_path(out: Path, i: int) -> Path:
@@ -312,23 +302,12 @@ def assemble_labels(out: Path, config: dict):
     if table.num_rows:
         table = table.sort_by("dist_id")
     table = table.replace_schema_metadata({"medqm": json.dumps(config, sort_keys=True)})
-    tmp = out / ".labels.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "labels.parquet")
+    write_parquet(table, out / "labels.parquet")
     return table
 
 
 def _write_errors(out: Path, errors: list[dict]) -> None:
-    import csv
-
-    path = out / "errors.csv"
-    if not errors:
-        path.unlink(missing_ok=True)
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["dist_id", "path", "reason"])
-        w.writeheader()
-        w.writerows(errors)
+    write_records_csv(out / "errors.csv", errors, ["dist_id", "path", "reason"])
 
 
 def read_labels(out: str | Path):

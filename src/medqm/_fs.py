@@ -1,0 +1,42 @@
+"""Crash-safe file writing shared by the stages: a file exists complete or not at all."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet(table, path: str | Path) -> Path:
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_records_csv(path: str | Path, rows: Sequence[dict], fieldnames: Sequence[str]) -> None:
+    """Write ``rows`` as CSV, or remove the file when there are none (a rerun that fixed everything)."""
+    path = Path(path)
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
