@@ -281,5 +281,133 @@ def _fmt(params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
+@app.command()
+def train(
+    labels: Path = typer.Option(..., help="A `medqm label` output folder (labels.parquet)."),
+    out: Path = typer.Option(..., help="Output folder: the checkpoint plus split.csv, metrics.csv, test_metrics.json."),
+    model: Optional[str] = typer.Option(None, help="Model name (default medqm_i), or an ablation (medqm_i_no_priors, "
+                                                    "medqm_i_no_queries, medqm_i_single_head, medqm_i_baseline)."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of training settings (TrainConfig fields, "
+                                                      "model_kwargs); command-line options override it."),
+    mode: Optional[str] = typer.Option(None, help="frozen (cached backbone features; the CPU default) or finetune."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 30)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step (default 64)."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (default 1e-3)."),
+    patience: Optional[int] = typer.Option(None, help="Early stopping: epochs without a better validation SRCC (default 6)."),
+    seed: Optional[int] = typer.Option(None, help="Split and training seed (default 0)."),
+    fractions: Optional[str] = typer.Option(None, help="Train,val,test shares of each modality's cases (default 0.7,0.15,0.15)."),
+    split: Optional[Path] = typer.Option(None, help="Reuse a split file (case_id,split), e.g. another run's split.csv."),
+    img_size: Optional[int] = typer.Option(None, help="Model input size (default 224)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N."),
+    cache: Optional[Path] = typer.Option(None, help="Backbone feature cache (default ~/.cache/medqm/features or $MEDQM_CACHE)."),
+    max_images: Optional[int] = typer.Option(None, help="Use a random subset of this many images (quick runs)."),
+):
+    """Train MedQM-I on a label set; prints per-epoch metrics and the held-out-case SRCC."""
+    import dataclasses
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = _console()
+    try:
+        settings = _read_settings(config) if config else {}
+        cli = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience, "seed": seed,
+               "split_file": str(split) if split else None, "device": device, "cache_dir": str(cache) if cache else None,
+               "max_images": max_images}
+        if fractions is not None:
+            try:
+                cli["fractions"] = tuple(float(v) for v in fractions.split(","))
+            except ValueError:
+                raise ValueError(f"--fractions {fractions!r}: expected three numbers like 0.7,0.15,0.15") from None
+        settings.update({k: v for k, v in cli.items() if v is not None})
+        settings["model_kwargs"] = dict(settings.get("model_kwargs") or {})
+        if img_size is not None:
+            settings["model_kwargs"]["img_size"] = img_size
+        if model is not None:
+            settings["model"] = model
+        settings.setdefault("model", "medqm_i")
+        from medqm.model import is_model, list_models
+        from medqm.train import TrainConfig
+        from medqm.train import train as run_train
+
+        if not is_model(settings["model"]):
+            raise ValueError(f"unknown model {settings['model']!r}; choose from {', '.join(list_models())}")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(settings) - known - {"labels", "out"})
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        cfg = TrainConfig(labels=str(labels), out=str(out), **{k: v for k, v in settings.items() if k not in ("labels", "out")})
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            tasks = {}
+
+            def progress(stage, done, total):
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            result = run_train(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(code=2)
+    o = result.test.get("overall", {})
+    console.print(f"checkpoint: {result.out} (best epoch {result.best_epoch} of {result.epochs_run}); "
+                  f"held-out SRCC {o.get('srcc', float('nan')):.4f}, PLCC {o.get('plcc', float('nan')):.4f}", highlight=False)
+
+
+def _read_settings(path: Path) -> dict:
+    import json
+
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of training settings")
+    return data
+
+
+@app.command()
+def score(
+    paths: list[Path] = typer.Argument(..., help="Image files or folders (DICOM series, NIfTI/NRRD volumes → every slice)."),
+    out: Path = typer.Option(..., help="Score table: .csv, .parquet or .json."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the one shipped with medqm)."),
+    heatmaps: Optional[Path] = typer.Option(None, help="Also write heatmap overlay PNGs into this folder."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    runtime: str = typer.Option("auto", help="auto (ONNX Runtime on CPU when installed, else PyTorch), torch or onnx."),
+    window: Optional[str] = typer.Option(None, help="Window preset (lung, soft_tissue, bone, brain, …) or CENTER,WIDTH."),
+    axis: str = typer.Option("axial", help="Slicing axis for volumes: axial, coronal or sagittal."),
+    modality: Optional[str] = typer.Option(None, help="Modality for files that carry none (PNG, NIfTI…)."),
+):
+    """Score the MLLM-oriented quality of images (MedQM-I); unreadable files become error rows."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = _console()
+    try:
+        if out.suffix.lower() not in (".csv", ".parquet", ".pq", ".json"):
+            raise ValueError(f"--out must end in .csv, .parquet or .json, got {out.name!r}")
+        from medqm.model.scoring import Scorer, write_scores
+
+        scorer = Scorer(model, device=device, batch_size=batch_size, runtime=runtime)
+        columns = (SpinnerColumn(), TextColumn("score {task.fields[done]} images, {task.fields[failed]} failed"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("score", total=None, done=0, failed=0)
+            df = scorer.score_files(paths, heatmap_dir=heatmaps, window=_parse_window(window), axis=axis, modality=modality,
+                                    progress=lambda d, f: bar.update(task, done=d, failed=f))
+        write_scores(df, out)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(code=2)
+    ok = df[df.error == ""]
+    console.print(f"{len(ok)} images scored, {len(df) - len(ok)} failed → {out}"
+                  + (f" (mean quality {ok.quality.mean():.3f})" if len(ok) else ""), highlight=False)
+    for _, r in df[df.error != ""].head(10).iterrows():
+        console.print(f"[red]✗[/red] {r.path}: {r.error}", highlight=False)
+    if heatmaps is not None and len(ok):
+        console.print(f"heatmaps: {heatmaps}")
+    if len(ok) == 0:
+        raise typer.Exit(code=1)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,383 @@
+"""Score images with a MedQM-I checkpoint: in-memory images, files, folders, DICOM series, volume slices.
+
+`Scorer` batches images through the model (PyTorch, or ONNX Runtime for speed on CPU) and maps the
+attention heatmap back onto each image's own pixel grid; `score` is the one-call Python API
+(`medqm.score`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medqm.io import MedImage, ReadFailure, iter_images, resize_pad
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+DEFAULT_CHECKPOINT = "medqm-i-demo"
+
+
+# --------------------------------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image sits inside the square model input: original size, scale and padding offsets."""
+
+    height: int
+    width: int
+    scale: float
+    top: int
+    left: int
+    inner_height: int
+    inner_width: int
+
+
+def _as_pixels(image: MedImage | np.ndarray) -> np.ndarray:
+    if isinstance(image, MedImage):
+        return image.pixels
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a MedImage or a numpy array, got {type(image).__name__}")
+    a = image
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ValueError(f"an image array must be H×W, H×W×1 or H×W×3, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if np.issubdtype(a.dtype, np.floating):
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        if lo < -1e-6 or hi > 1 + 1e-6 or not np.isfinite(a).all():
+            raise ValueError(f"float image values must lie in [0, 1] (got {lo:g}…{hi:g}); window CT/MR data first "
+                             "(medqm.io.read_image(..., window=...) or medqm.io.apply_window)")
+        return a.astype(np.float32, copy=False)
+    raise ValueError(f"image arrays must be uint8 or float in [0, 1], got {a.dtype}; for raw units (HU, MR signal) "
+                     "read the file with medqm.io.read_image or window the array first")
+
+
+def preprocess(image: MedImage | np.ndarray, img_size: int) -> tuple[np.ndarray, Letterbox]:
+    """An image → (3, S, S) float32 in [0, 1], letterboxed with its aspect kept, and where it sits.
+
+    Grayscale is replicated to three channels (the backbone's input).
+    """
+    px = _as_pixels(image)
+    h, w = px.shape[:2]
+    boxed, scale, (top, left) = resize_pad(px, img_size, order="area")
+    boxed = np.clip(boxed, 0.0, 1.0)
+    chw = np.repeat(boxed[None], 3, axis=0) if boxed.ndim == 2 else np.ascontiguousarray(boxed.transpose(2, 0, 1))
+    inner_h, inner_w = max(1, round(h * scale)), max(1, round(w * scale))
+    return chw.astype(np.float32, copy=False), Letterbox(h, w, scale, top, left, inner_h, inner_w)
+
+
+def heatmap_to_image(heatmap: np.ndarray, box: Letterbox) -> np.ndarray:
+    """A model-input heatmap (S, S) → the image's own (H, W) grid: padding cropped, resized, summing to 1."""
+    import torch
+    import torch.nn.functional as F
+
+    crop = heatmap[box.top : box.top + box.inner_height, box.left : box.left + box.inner_width]
+    t = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=(box.height, box.width), mode="bilinear", align_corners=False)[0, 0].clamp_min(0)
+    total = float(out.sum())
+    out = out / total if total > 0 else torch.full_like(out, 1.0 / out.numel())
+    return out.numpy()
+
+
+def heatmap_overlay(pixels: np.ndarray, heatmap: np.ndarray, *, max_side: int = 1024, alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 picture of the image with the heatmap (scaled to its maximum) blended over it."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    rgb = np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
+    hm = heatmap / max(float(heatmap.max()), 1e-12)
+    colour = colormaps["inferno"](hm)[..., :3].astype(np.float32)
+    out = ((1 - alpha) * rgb + alpha * colour).clip(0, 1)
+    img = Image.fromarray(np.round(out * 255).astype(np.uint8))
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BOX)
+    return np.asarray(img)
+
+
+# --------------------------------------------------------------------------------------------------- model loading
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint shipped in the package (trained on the demo labels; see its config.json ``meta``)."""
+    path = CHECKPOINT_DIR / DEFAULT_CHECKPOINT
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no default MedQM-I checkpoint is installed ({path}); pass a checkpoint folder "
+            "(--model DIR / model=DIR), e.g. one written by `medqm train --labels LABELS --out runs/NAME`"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, mtime: float, device: str):
+    from .medqm_i import MedQMI
+
+    return MedQMI.from_pretrained(path, map_location=device)
+
+
+def load_model(model=None, *, device: str = "cpu"):
+    """A MedQMI from None (the shipped default), a checkpoint folder, or a model object (returned as is)."""
+    from .medqm_i import MedQMI
+
+    if isinstance(model, MedQMI):
+        return model
+    path = Path(model) if model is not None else default_checkpoint()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: not a MedQM-I checkpoint folder (no config.json)")
+    return _load_cached(str(path.resolve()), (path / "model.safetensors").stat().st_mtime, device)
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class QualityScore:
+    """One image's score: ``quality`` in [0, 1] (higher is better), the expert gates and, on request, the heatmap."""
+
+    quality: float
+    gates: np.ndarray
+    expert_scores: np.ndarray
+    heatmap: np.ndarray | None = None
+    id: str | None = None
+    path: str | None = None
+    index: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expert(self) -> int:
+        """The expert with the largest gate weight."""
+        return int(np.argmax(self.gates))
+
+    def __float__(self) -> float:
+        return float(self.quality)
+
+
+class Scorer:
+    """Batched MedQM-I scoring.
+
+    Args:
+        model: a checkpoint folder, a `MedQMI`, or None for the shipped default checkpoint.
+        device: ``'cpu'``, ``'cuda'``… (the torch runtime).
+        batch_size: images per forward pass.
+        runtime: ``'torch'`` (eager PyTorch), ``'onnx'`` (ONNX Runtime on CPU; the graph is exported once per
+            set of weights and cached, see `medqm.model.onnx`) or ``'auto'``: ONNX Runtime on CPU when it is
+            installed (several times faster), else PyTorch.
+        num_threads: CPU threads for the runtime (default: the runtime's own choice, one per core).
+    """
+
+    def __init__(self, model=None, *, device: str = "cpu", batch_size: int = 32, runtime: str = "auto",
+                 num_threads: int | None = None):
+        import torch
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if runtime not in ("auto", "torch", "onnx"):
+            raise ValueError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
+        self.model = load_model(model, device=device).eval()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.img_size = self.model.cfg.img_size
+        self._onnx = None
+        ckpt_dir = model if isinstance(model, (str, os.PathLike)) else (default_checkpoint() if model is None else None)
+        if runtime == "onnx" and self.device.type != "cpu":
+            raise ValueError(f"runtime='onnx' runs on the CPU; use runtime='torch' for device {device!r}")
+        if runtime == "onnx" or (runtime == "auto" and self.device.type == "cpu"):
+            from .onnx import OnnxScorer, onnx_available
+
+            if runtime == "onnx" or onnx_available():
+                try:
+                    self._onnx = OnnxScorer.for_model(self.model, ckpt_dir, threads=num_threads)
+                except Exception as e:  # 'auto' falls back to PyTorch (e.g. onnx/onnxscript missing for the export)
+                    if runtime == "onnx":
+                        raise
+                    import warnings
+
+                    warnings.warn(f"ONNX Runtime unavailable for this model ({type(e).__name__}: {e}); scoring with "
+                                  "PyTorch", stacklevel=2)
+        self.runtime = "onnx" if self._onnx is not None else "torch"
+        if self.runtime == "torch" and num_threads:
+            torch.set_num_threads(num_threads)
+        if self._onnx is None and self.device.type == "cpu":
+            # NHWC is about twice as fast for the depthwise convolutions of EfficientNet on CPU
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def heatmaps_available(self) -> bool:
+        return self.model.cfg.use_priors or self.model.cfg.use_implicit
+
+    def _forward(self, batch: np.ndarray, heatmaps: bool) -> dict[str, np.ndarray]:
+        if self._onnx is not None:
+            return self._onnx.run(batch, heatmaps=heatmaps)
+        import torch
+
+        x = torch.from_numpy(batch).to(self.device)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = self.model(x, return_heatmap=heatmaps and self.heatmaps_available)
+        return {k: v.float().cpu().numpy() for k, v in out.items() if k != "balance_loss"}
+
+    def score_pixels(self, images: Sequence[MedImage | np.ndarray], *, heatmaps: bool = False) -> list[QualityScore]:
+        """Score in-memory images (MedImage, uint8, or float arrays in [0, 1]) in batches."""
+        results: list[QualityScore] = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            prepped = [preprocess(im, self.img_size) for im in chunk]
+            out = self._forward(np.stack([p[0] for p in prepped]), heatmaps)
+            for j, (im, (_, box)) in enumerate(zip(chunk, prepped)):
+                hm = heatmap_to_image(out["heatmap"][j], box) if "heatmap" in out else None
+                r = QualityScore(float(out["score"][j]), out["gates"][j].copy(), out["expert_scores"][j].copy(), hm)
+                if isinstance(im, MedImage):
+                    r.id, r.path, r.index = im.id, im.path, im.index
+                    r.meta = {"modality": im.modality, "case_id": im.case_id}
+                results.append(r)
+        return results
+
+    def iter_files(self, paths, *, heatmaps: bool = False, **read_kwargs) -> Iterator[tuple[MedImage | ReadFailure, QualityScore | None]]:
+        """Read every image under ``paths`` (as `medqm.io.iter_images` does) and yield (image, score) pairs;
+        a file that cannot be read yields (ReadFailure, None)."""
+        pending: list[MedImage] = []
+        for item in iter_images(paths, **read_kwargs):
+            if isinstance(item, ReadFailure):
+                yield from self._flush(pending, heatmaps)
+                pending = []
+                yield item, None
+                continue
+            pending.append(item)
+            if len(pending) >= self.batch_size:
+                yield from self._flush(pending, heatmaps)
+                pending = []
+        yield from self._flush(pending, heatmaps)
+
+    def _flush(self, pending: list[MedImage], heatmaps: bool):
+        if not pending:
+            return
+        try:
+            scores = self.score_pixels(pending, heatmaps=heatmaps)
+        except Exception:  # one bad image must not take its batch down: retry one by one, record the culprit
+            for im in pending:
+                try:
+                    yield im, self.score_pixels([im], heatmaps=heatmaps)[0]
+                except Exception as e:
+                    yield ReadFailure(im.path, f"scoring failed ({type(e).__name__}: {e})"), None
+            return
+        yield from zip(pending, scores)
+
+    def score_files(self, paths, *, heatmap_dir: str | os.PathLike | None = None,
+                    progress: Callable[[int, int], None] | None = None, **read_kwargs):
+        """Score every image under ``paths`` into a table (pandas DataFrame), one row per image or failure.
+
+        Columns: path, index, id, modality, case_id, height, width, quality, expert, gates (JSON list),
+        heatmap (PNG path when ``heatmap_dir``), error (empty for scored images). ``progress(done, failed)``
+        is called after each row.
+        """
+        import pandas as pd
+
+        rows = []
+        hdir = Path(heatmap_dir) if heatmap_dir is not None else None
+        if hdir is not None:
+            hdir.mkdir(parents=True, exist_ok=True)
+        failed = 0
+        for n, (item, res) in enumerate(self.iter_files(paths, heatmaps=hdir is not None, **read_kwargs)):
+            if res is None:
+                failed += 1
+                rows.append({"path": item.path, "index": None, "id": Path(item.path).name, "modality": None,
+                             "case_id": None, "height": None, "width": None, "quality": float("nan"), "expert": None,
+                             "gates": None, "heatmap": None, "error": item.reason})
+            else:
+                hm_path = None
+                if hdir is not None and res.heatmap is not None:
+                    from PIL import Image
+
+                    stem = Path(item.path).name.split(".")[0] + ("" if item.index is None else f"-{item.index}")
+                    hm_path = hdir / f"{n:05d}-{_safe_name(stem)}.png"
+                    Image.fromarray(heatmap_overlay(item.pixels, res.heatmap)).save(hm_path)
+                rows.append({"path": item.path, "index": item.index, "id": item.id, "modality": item.modality,
+                             "case_id": item.case_id, "height": int(item.shape[0]), "width": int(item.shape[1]),
+                             "quality": res.quality, "expert": res.expert,
+                             "gates": json.dumps([round(float(g), 6) for g in res.gates]),
+                             "heatmap": str(hm_path) if hm_path else None, "error": ""})
+            if progress is not None:
+                progress(len(rows) - failed, failed)
+        cols = ["path", "index", "id", "modality", "case_id", "height", "width", "quality", "expert", "gates", "heatmap", "error"]
+        df = pd.DataFrame(rows, columns=cols)
+        df["index"] = df["index"].astype("Int64")
+        df["expert"] = df["expert"].astype("Int64")
+        df["height"] = df["height"].astype("Int64")
+        df["width"] = df["width"].astype("Int64")
+        return df
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_scorer(path: str, mtime: float, device: str, batch_size: int, runtime: str) -> "Scorer":
+    return Scorer(path, device=device, batch_size=batch_size, runtime=runtime)
+
+
+def _safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:120]
+
+
+def write_scores(df, out: str | os.PathLike) -> Path:
+    """Write a score table as CSV, Parquet or JSON (records), chosen by the suffix of ``out``."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        df.to_csv(out, index=False)
+    elif suffix in (".parquet", ".pq"):
+        df.to_parquet(out, index=False)
+    elif suffix == ".json":
+        out.write_text(df.to_json(orient="records", indent=1), encoding="utf-8")
+    else:
+        raise ValueError(f"--out must end in .csv, .parquet or .json, got {out.name!r}")
+    return out
+
+
+def score(x, *, model=None, heatmaps: bool = False, batch_size: int = 32, device: str = "cpu", runtime: str = "auto",
+          **read_kwargs):
+    """Score image quality for a multimodal LLM (MedQM-I): 0 = the MLLM cannot diagnose from it, 1 = perfect.
+
+    Args:
+        x: a `MedImage` or an array (uint8, or float in [0, 1]; H×W or H×W×3) → one `QualityScore`;
+            a list of those → a list of `QualityScore`; a path (file or folder) or a list of paths → a pandas
+            DataFrame with one row per image (every frame / slice) and one per unreadable file (``error`` set).
+        model: checkpoint folder (default: the checkpoint shipped with medqm).
+        heatmaps: also compute where the model looked (``QualityScore.heatmap``, on the image's own grid,
+            summing to 1). For paths, pass ``heatmap_dir=`` to write overlay PNGs instead.
+        batch_size, device, runtime: see `Scorer`.
+        **read_kwargs: for paths: `medqm.io.read_images` options (window, axis, modality…), plus heatmap_dir.
+    """
+    def scorer():
+        if model is None or isinstance(model, (str, os.PathLike)):  # reuse the session across calls
+            path = Path(model) if model is not None else default_checkpoint()
+            mtime = (path / "model.safetensors").stat().st_mtime if (path / "model.safetensors").is_file() else 0.0
+            return _cached_scorer(str(path.resolve()), mtime, device, batch_size, runtime)
+        return Scorer(model, device=device, batch_size=batch_size, runtime=runtime)
+
+    if isinstance(x, (np.ndarray, MedImage)):
+        return scorer().score_pixels([x], heatmaps=heatmaps)[0]
+    if isinstance(x, (str, os.PathLike)):
+        return scorer().score_files([x], **read_kwargs)
+    if isinstance(x, Iterable):
+        items = list(x)
+        if all(isinstance(i, (np.ndarray, MedImage)) for i in items):
+            return scorer().score_pixels(items, heatmaps=heatmaps)
+        if all(isinstance(i, (str, os.PathLike)) for i in items):
+            return scorer().score_files(items, **read_kwargs)
+        raise TypeError("a list to score must hold only images (arrays / MedImage) or only paths")
+    raise TypeError(f"cannot score a {type(x).__name__}; give a path, a numpy array or a MedImage")
+
+
+__all__ = ["Scorer", "QualityScore", "Letterbox", "score", "preprocess", "heatmap_to_image", "heatmap_overlay",
+           "load_model", "default_checkpoint", "write_scores", "CHECKPOINT_DIR", "DEFAULT_CHECKPOINT"]

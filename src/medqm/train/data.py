@@ -1,0 +1,178 @@
+"""Training data: the label table as training rows, and the cache of frozen-backbone features.
+
+In frozen-backbone mode (the CPU default) every image goes through the backbone once; its multi-scale
+feature maps are stored as float16 ``.npy`` files keyed by the SHA-256 of the image file's bytes, under a
+folder named after the backbone, its weights, the input size and the preprocessing. A rerun, another
+ablation, or a new label set over the same images reads them back instead of recomputing; a changed
+file gets a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medqm._fs import atomic_path
+from medqm.io import MedQMReadError, read_image
+
+PREPROCESS_VERSION = 1  # bump when `medqm.model.preprocess` changes what the backbone sees
+TRAIN_COLUMNS = ("path", "quality", "case_id", "modality", "type", "level", "ref_id", "dist_id")
+
+
+def default_cache_dir() -> Path:
+    """``$MEDQM_CACHE/features``, else ``~/.cache/medqm/features``."""
+    root = os.environ.get("MEDQM_CACHE")
+    return Path(root) / "features" if root else Path.home() / ".cache" / "medqm" / "features"
+
+
+def training_rows(labels, *, drop_missing: bool = True):
+    """The columns training needs, one row per labelled image; rows without a quality are dropped.
+
+    Returns (rows, dropped) where ``dropped`` counts rows removed for a missing quality or image file.
+    """
+    missing = [c for c in ("path", "quality", "case_id") if c not in labels]
+    if missing:
+        raise ValueError(f"the label table lacks columns {missing} (expected a `medqm label` output)")
+    cols = [c for c in TRAIN_COLUMNS if c in labels]
+    rows = labels[cols].copy()
+    for c in TRAIN_COLUMNS:
+        if c not in rows:
+            rows[c] = None
+    rows["case_id"] = rows["case_id"].astype(str)
+    keep = rows["quality"].notna()
+    if drop_missing:
+        keep &= rows["path"].map(lambda p: isinstance(p, str) and Path(p).is_file())
+    dropped = int((~keep).sum())
+    rows = rows[keep].drop_duplicates("path").reset_index(drop=True)
+    if rows.empty:
+        raise ValueError("no usable label rows (quality present and image file found)")
+    q = rows["quality"].to_numpy(dtype=np.float64)
+    if q.min() < 0 or q.max() > 1:
+        raise ValueError(f"quality labels must lie in [0, 1], got {q.min():g}…{q.max():g}")
+    return rows, dropped
+
+
+def load_training_image(path: str, img_size: int) -> np.ndarray:
+    """Read an image file and preprocess it exactly as scoring does: (3, S, S) float32 in [0, 1]."""
+    from medqm.model.scoring import preprocess
+
+    return preprocess(read_image(path), img_size)[0]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Frozen-backbone features on disk, keyed by image content.
+
+    Args:
+        root: cache folder (shared by runs; see `default_cache_dir`).
+        model: the `MedQMI` whose backbone makes the features; its backbone weights, input size and stages
+            name the sub-folder, so features of another backbone are never mixed in.
+    """
+
+    def __init__(self, root: str | os.PathLike, model):
+        import torch
+
+        self.model = model
+        cfg = model.cfg
+        h = hashlib.sha256()
+        for k, v in model.backbone.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        ident = {"backbone": cfg.backbone, "img_size": cfg.img_size, "out_indices": list(cfg.out_indices),
+                 "weights": h.hexdigest()[:16], "preprocess": PREPROCESS_VERSION, "dtype": "float16"}
+        tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = Path(root) / f"{cfg.backbone}-{cfg.img_size}-{tag}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "cache.json").write_text(json.dumps(ident, indent=1) + "\n")
+        S = cfg.img_size
+        self.shapes = [(c, S // r, S // r) for c, r in zip(model.feature_channels, model.feature_reductions)]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self._torch = torch
+
+    def file_for(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def ensure(self, paths: Sequence[str], *, batch_size: int = 32, device: str = "cpu",
+               progress: Callable[[int, int], None] | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+        """Make sure features exist for ``paths``; returns (key per path or "" when it failed, failures)."""
+        torch = self._torch
+        keys = [file_digest(p) for p in paths]
+        todo = [(p, k) for p, k in zip(paths, keys) if not self.file_for(k).is_file()]
+        todo = list(dict((k, (p, k)) for p, k in todo).values())  # identical files once
+        failures: list[tuple[str, str]] = []
+        done = len(paths) - len(todo)
+        if progress:
+            progress(done, len(paths))
+        if todo:
+            backbone_was_training = self.model.backbone.training
+            self.model.backbone.eval()
+            try:
+                for i in range(0, len(todo), batch_size):
+                    chunk = todo[i : i + batch_size]
+                    imgs, ok = [], []
+                    for p, k in chunk:
+                        try:
+                            imgs.append(load_training_image(p, self.model.cfg.img_size))
+                            ok.append(k)
+                        except (MedQMReadError, ValueError) as e:
+                            failures.append((p, str(e)))
+                    if imgs:
+                        x = torch.from_numpy(np.stack(imgs)).to(device)
+                        if device == "cpu":
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        with torch.inference_mode():
+                            feats = self.model.forward_backbone(x)
+                        flat = torch.cat([f.flatten(1) for f in feats], dim=1).to(torch.float16).cpu().numpy()
+                        for k, v in zip(ok, flat):
+                            with atomic_path(self.file_for(k)) as tmp, open(tmp, "wb") as fh:
+                                np.save(fh, v, allow_pickle=False)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, len(paths))
+            finally:
+                self.model.backbone.train(backbone_was_training)
+        bad = {p for p, _ in failures}
+        return [("" if p in bad else k) for p, k in zip(paths, keys)], failures
+
+    def load(self, keys: Sequence[str]) -> list:
+        """Stacked features of ``keys`` as float32 tensors, one (B, C, h, w) per backbone stage."""
+        torch = self._torch
+        flat = np.stack([np.load(self.file_for(k), allow_pickle=False) for k in keys]).astype(np.float32)
+        out, start = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            out.append(torch.from_numpy(np.ascontiguousarray(flat[:, start : start + size])).reshape(len(keys), *shape))
+            start += size
+        return out
+
+
+class ImageDataset:
+    """Images read and preprocessed on the fly (fine-tuning mode); optional horizontal flips."""
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray, img_size: int, *, flip: bool = False, seed: int = 0):
+        self.paths, self.targets, self.img_size, self.flip = list(paths), np.asarray(targets, np.float32), img_size, flip
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        x = load_training_image(self.paths[i], self.img_size)
+        if self.flip and self.rng.random() < 0.5:  # quality does not depend on left/right
+            x = np.ascontiguousarray(x[:, :, ::-1])
+        return x, self.targets[i], i
+
+
+__all__ = ["FeatureCache", "ImageDataset", "training_rows", "load_training_image", "default_cache_dir", "file_digest",
+           "PREPROCESS_VERSION"]

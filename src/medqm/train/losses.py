@@ -1,0 +1,67 @@
+"""Training losses: a regression term, a rank-aware term and the MoE load-balancing term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def plcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """1 − Pearson correlation over the batch (differentiable; 0 for perfectly linear agreement).
+
+    Returns 0 when the batch has fewer than two images or constant targets (nothing to rank).
+    """
+    if pred.numel() < 2:
+        return pred.sum() * 0
+    p = pred - pred.mean()
+    t = target - target.mean()
+    if float(t.abs().max()) < eps:
+        return pred.sum() * 0
+    r = (p * t).sum() / (p.norm() * t.norm() + eps)
+    return 1 - r
+
+
+def pairwise_rank_loss(pred: torch.Tensor, target: torch.Tensor, *, margin: float = 0.0, min_gap: float = 0.01) -> torch.Tensor:
+    """Logistic pairwise ranking loss over all pairs whose targets differ by more than ``min_gap``.
+
+    For a pair with target_i > target_j the loss is softplus(−(pred_i − pred_j − margin) / 0.05); the mean over
+    such pairs is returned (0 when there are none).
+    """
+    dt = target.unsqueeze(1) - target.unsqueeze(0)
+    dp = pred.unsqueeze(1) - pred.unsqueeze(0)
+    mask = dt > min_gap
+    if not bool(mask.any()):
+        return pred.sum() * 0
+    return F.softplus(-(dp[mask] - margin) / 0.05).mean()
+
+
+class QualityLoss(torch.nn.Module):
+    """loss = w_reg · MSE + w_rank · rank term (``'plcc'``, ``'pairwise'`` or ``'both'``) + w_balance · MoE balance.
+
+    The balance term (1 at an even expert load) enters as (balance − 1) so a balanced head adds nothing.
+    """
+
+    def __init__(self, *, w_reg: float = 10.0, w_rank: float = 1.0, rank: str = "plcc", w_balance: float = 0.01):
+        super().__init__()
+        if rank not in ("plcc", "pairwise", "both", "none"):
+            raise ValueError(f"rank must be 'plcc', 'pairwise', 'both' or 'none', got {rank!r}")
+        self.w_reg, self.w_rank, self.rank, self.w_balance = w_reg, w_rank, rank, w_balance
+
+    def forward(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        pred = out["score"].float()
+        target = target.float()
+        reg = F.mse_loss(pred, target)
+        if self.rank == "plcc":
+            rank = plcc_loss(pred, target)
+        elif self.rank == "pairwise":
+            rank = pairwise_rank_loss(pred, target)
+        elif self.rank == "both":
+            rank = 0.5 * (plcc_loss(pred, target) + pairwise_rank_loss(pred, target))
+        else:
+            rank = pred.sum() * 0
+        balance = out["balance_loss"].float() - 1.0 if out["gates"].shape[-1] > 1 else pred.sum() * 0
+        total = self.w_reg * reg + self.w_rank * rank + self.w_balance * balance
+        return total, {k: float(v.detach()) for k, v in (("loss", total), ("mse", reg), ("rank", rank), ("balance", balance))}
+
+
+__all__ = ["plcc_loss", "pairwise_rank_loss", "QualityLoss"]
