@@ -465,7 +465,7 @@ def evaluate(
                                              "images (for speed)."),
     n_boot: int = typer.Option(1000, help="Bootstrap replicates (cases resampled) for CIs and the paired test."),
     seed: int = typer.Option(0, help="Seed of the bootstrap and of --max-images sampling."),
-    workers: int = typer.Option(1, help="Processes for the classical baselines."),
+    workers: int = typer.Option(1, help="Processes for the classical baselines and the per-method statistics."),
     batch_size: int = typer.Option(32, help="Images per MedQM-I forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     runtime: str = typer.Option("auto", help="auto (ONNX Runtime on CPU when installed, else PyTorch), torch or onnx."),
@@ -511,6 +511,55 @@ def evaluate(
         console.print(f"• {line}", highlight=False)
     console.print(f"report: {result.files['report.html']} · {result.files['report.md']} · {result.files['metrics.json']}",
                   highlight=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder; rerun to reuse finished stages or resume."),
+    quick: bool = typer.Option(False, "--quick", help="A handful of cases, 2 levels, few epochs (about a minute)."),
+    model: Optional[str] = typer.Option(None, help="Diagnostic VLM: local HF folder or hub id (default: the shipped "
+                                                   "stand-in VLM)."),
+    collection: Optional[Path] = typer.Option(None, help="Collection folder with manifest.csv (default: data/demo)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads and worker processes (default: all cores)."),
+):
+    """The whole pipeline, offline: distort → label (MedQM-D) → train MedQM-I and baselines → evaluate → report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = _console()
+    try:
+        from medqm.demo import STAGES, DemoError, demo_config, headline, run_demo
+
+        cfg = demo_config("quick" if quick else "full", out=str(out), vlm=model,
+                          collection=str(collection) if collection else None, threads=threads)
+        console.print(f"medqm demo ({cfg.preset}) → {out}", highlight=False)
+        columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as bar:
+            tasks = {}
+
+            def progress(what, done, total):
+                if what not in tasks:
+                    tasks[what] = bar.add_task(what, total=total)
+                bar.update(tasks[what], completed=done, total=total)
+
+            result = run_demo(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
+    except (DemoError, ValueError, FileNotFoundError, ImportError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(code=2)
+    times = Table("stage", "status", "seconds", "folder", title="stages")
+    for name in STAGES:
+        r = result.stages[name]
+        times.add_row(name, "reused" if r.cached else "ran", f"{r.seconds:.1f}", r.dir.name)
+    times.add_row("total", "", f"{result.seconds:.1f}", str(out))
+    console.print(times)
+    header, rows = headline(result.metrics)
+    info = result.metrics["test_set"]
+    table = Table(*header, title=f"agreement with the MedQM-D labels on {info['n_images']} held-out images "
+                                 f"of {info['n_cases']} cases")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {result.report_html} (stage folder {result.stages['evaluate'].dir})", highlight=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,439 @@
+"""The evaluation report: metrics.json, report.md, a self-contained report.html, and the figures as PNG files.
+
+The HTML embeds every picture as a base64 PNG and its style inline, so the one file opens offline and can be
+mailed around. Figures are drawn with matplotlib's object API (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KIND_COLOUR = {"main": "#d62728", "deep": "#ff7f0e", "classical": "#1f77b4"}
+KIND_LABEL = {"main": "MedQM-I (evaluated)", "deep": "deep (same backbone / ablation)", "classical": "classical BIQA"}
+DISPLAY = {"niqe": "NIQE", "brisque": "BRISQUE", "piqe": "PIQE", "entropy": "entropy", "total_variation": "total variation",
+           "noise_sigma": "noise σ", "laplacian_variance": "Laplacian variance"}
+
+
+def display(name: str) -> str:
+    return DISPLAY.get(name, name)
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def _f(v, digits: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _ci(v, ci, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f} [{ci[0]:.{digits - 1}f}, {ci[1]:.{digits - 1}f}]" if ci else f"{v:.{digits}f}"
+
+
+def _p(p) -> str:
+    if p is None or not np.isfinite(p):
+        return "–"
+    return f"{p:.2g}" if p >= 1e-3 else "<0.001"
+
+
+def ordered_methods(metrics: dict) -> list[str]:
+    """The main model first, then the others by SRCC (highest first; undefined last)."""
+    ms = metrics["methods"]
+
+    def key(n):
+        s = ms[n]["overall"].get("srcc")
+        return (ms[n]["kind"] != "main", -(s if s is not None and np.isfinite(s) else -9))
+
+    return sorted(ms, key=key)
+
+
+def headline_rows(metrics: dict) -> list[list[str]]:
+    """The headline table: method, kind, SRCC [CI], PLCC [CI], KRCC, RMSE, images, cases."""
+    rows = []
+    for n in ordered_methods(metrics):
+        m = metrics["methods"][n]
+        o = m["overall"]
+        rows.append([display(n), m["kind"], _ci(o.get("srcc"), o.get("srcc_ci")), _ci(o.get("plcc"), o.get("plcc_ci")),
+                     _f(o.get("krcc")), _f(o.get("rmse"), 4), str(o.get("n_images", 0)), str(o.get("n_cases", 0))])
+    return rows
+
+
+HEADLINE_HEADER = ["method", "kind", "SRCC [95% CI]", "PLCC [95% CI]", "KRCC", "RMSE", "images", "cases"]
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def group_table(metrics: dict, key: str, names: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows = groups (modality / type / level), columns = methods' SRCC; with image and case counts."""
+    names = list(names or ordered_methods(metrics))
+    ms = metrics["methods"]
+    groups: list[str] = []
+    for n in names:
+        for g in ms[n].get(key, {}):
+            if g not in groups:
+                groups.append(g)
+    if key == "by_level":
+        groups.sort(key=lambda g: float(g) if g.replace(".", "", 1).isdigit() else 1e9)
+    ref = ms[names[0]].get(key, {})
+    header = [key.removeprefix("by_"), "images", "cases"] + [display(n) for n in names]
+    rows = []
+    for g in groups:
+        r0 = ref.get(g, {})
+        rows.append([g, str(r0.get("n_images", "")), str(r0.get("n_cases", ""))]
+                    + [_f(ms[n].get(key, {}).get(g, {}).get("srcc"), 2) for n in names])
+    return header, rows
+
+
+# --------------------------------------------------------------------------------------------------- figures
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), dpi=110, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _modality_colours(mods: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(mods)))}
+
+
+def fig_scatter(metrics: dict, rows, methods, *, max_points: int = 2500, seed: int = 0) -> bytes:
+    """Predicted (sign-aligned) vs label, one panel per method, coloured by modality, with the fitted logistic."""
+    from .metrics import LogisticFit
+
+    names = ordered_methods(metrics)
+    by = {m.name: m for m in methods}
+    ncol = min(4, len(names))
+    nrow = int(np.ceil(len(names) / ncol))
+    fig = _figure(3.3 * ncol, 2.9 * nrow)
+    y = rows["quality"].to_numpy(dtype=np.float64)
+    mods = rows["modality"].to_numpy()
+    colours = _modality_colours(mods.tolist())
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.choice(len(y), size=min(max_points, len(y)), replace=False))
+    for i, n in enumerate(names):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        x = by[n].aligned
+        s = sub[np.isfinite(x[sub])]
+        ax.scatter(x[s], y[s], s=4, alpha=0.5, c=[colours[m] for m in mods[s]], linewidths=0)
+        o = metrics["methods"][n]["overall"]
+        fit = o.get("fit")
+        if fit and np.isfinite(x).sum() > 1:
+            grid = np.linspace(np.nanmin(x), np.nanmax(x), 200)
+            f = LogisticFit(fit["kind"], tuple(fit["params"]), fit["increasing"])
+            ax.plot(grid, f(grid), color="k", lw=1.2)
+        sign = "−" if by[n].lower_better else ""
+        ax.set_title(f"{display(n)}  SRCC {_f(o.get('srcc'), 2)}", fontsize=9)
+        ax.set_xlabel(f"{sign}{display(n)} score" + (" (sign-aligned)" if sign else ""), fontsize=8)
+        ax.set_ylabel("label quality", fontsize=8)
+        ax.tick_params(labelsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=m) for m, c in colours.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(8, len(handles)), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def fig_srcc_bars(metrics: dict) -> bytes:
+    """SRCC of every method with its case-bootstrap confidence interval."""
+    names = ordered_methods(metrics)[::-1]
+    ms = metrics["methods"]
+    fig = _figure(6.5, 0.35 * len(names) + 1.2)
+    ax = fig.add_subplot(1, 1, 1)
+    vals = [ms[n]["overall"].get("srcc") for n in names]
+    vals = [v if v is not None and np.isfinite(v) else 0.0 for v in vals]
+    lo = [v - (ms[n]["overall"].get("srcc_ci") or [v, v])[0] for n, v in zip(names, vals)]
+    hi = [(ms[n]["overall"].get("srcc_ci") or [v, v])[1] - v for n, v in zip(names, vals)]
+    ax.barh(range(len(names)), vals, xerr=[lo, hi], color=[KIND_COLOUR[ms[n]["kind"]] for n in names],
+            capsize=3, error_kw={"lw": 1})
+    ax.set_yticks(range(len(names)), [display(n) for n in names], fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    level = metrics["settings"].get("level", 0.95)
+    ax.set_xlabel(f"SRCC with the labels ({round(level * 100)} % CI, cases resampled)", fontsize=8)
+    ax.set_xlim(min(-0.1, min(v - l for v, l in zip(vals, lo)) - 0.05), 1.0)
+    from matplotlib.patches import Patch
+
+    kinds = sorted({ms[n]["kind"] for n in names}, key=list(KIND_COLOUR).index)
+    ax.legend(handles=[Patch(color=KIND_COLOUR[k], label=KIND_LABEL[k]) for k in kinds], fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def fig_severity(metrics: dict) -> bytes | None:
+    """Quality vs severity per distortion type: label and NIQE / BRISQUE / MedQM-I, each as percentile ranks."""
+    curves = metrics.get("severity_curves") or {}
+    if not curves:
+        return None
+    main = metrics["significance"]["reference"]
+    styles = {"label": ("k", "-", 2.0, "MLLM label"), "niqe": ("#1f77b4", "--", 1.2, "−NIQE"),
+              "brisque": ("#2ca02c", "--", 1.2, "−BRISQUE"), main: ("#d62728", "-", 1.4, main)}
+    types = list(curves)
+    ncol = min(6, len(types))
+    nrow = int(np.ceil(len(types) / ncol))
+    fig = _figure(2.4 * ncol, 2.0 * nrow + 0.5)
+    for i, t in enumerate(types):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        c = curves[t]
+        for key, (col, ls, lw, lab) in styles.items():
+            if key in c:
+                v = np.array([np.nan if x is None else x for x in c[key]], dtype=float)
+                ax.plot(c["levels"], v, color=col, ls=ls, lw=lw, marker="o", ms=2.5, label=lab)
+        ax.set_title(t, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(c["levels"])
+        ax.tick_params(labelsize=6)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("mean percentile rank over the test images (1 = best) vs distortion level (0 = reference)", fontsize=9)
+    return _png(fig)
+
+
+def fig_labels(rows, all_labels: np.ndarray | None) -> bytes:
+    """The label distribution: all labels vs the test images, and the test labels per level."""
+    fig = _figure(9, 3.0)
+    ax = fig.add_subplot(1, 2, 1)
+    y = rows["quality"].to_numpy(dtype=np.float64)
+    lo, hi = float(np.min(y)), float(np.max(y))
+    if all_labels is not None and all_labels.size:
+        lo, hi = min(lo, float(all_labels.min())), max(hi, float(all_labels.max()))
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 50)
+    if all_labels is not None and all_labels.size:
+        ax.hist(all_labels, bins=bins, density=True, alpha=0.4, color="grey", label=f"all labels (n={all_labels.size})")
+    ax.hist(y, bins=bins, density=True, histtype="step", color="#d62728", lw=1.5, label=f"test images (n={y.size})")
+    ax.set_xlabel("quality label", fontsize=8)
+    ax.set_ylabel("density", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    ax2 = fig.add_subplot(1, 2, 2)
+    lv = rows["level"].to_numpy(dtype=np.float64)
+    levels = sorted({int(v) for v in lv if np.isfinite(v)})
+    if levels:
+        ax2.boxplot([y[lv == v] for v in levels], positions=list(range(len(levels))), showfliers=False)
+        ax2.set_xticks(range(len(levels)), [str(v) for v in levels])
+        ax2.set_xlabel("distortion level (0 = reference)", fontsize=8)
+    ax2.set_ylabel("test label quality", fontsize=8)
+    ax2.tick_params(labelsize=7)
+    return _png(fig)
+
+
+def _overlay_png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------- writers
+def significance_rows(metrics: dict) -> list[list[str]]:
+    sig = metrics["significance"]
+    rows = []
+    for n, t in sorted(sig["tests"].items(), key=lambda kv: -(kv[1]["bootstrap"]["diff"] if np.isfinite(kv[1]["bootstrap"]["diff"]) else -9)):
+        b, w = t["bootstrap"], t.get("williams") or {}
+        tag = []
+        if n == sig.get("best_baseline"):
+            tag.append("best baseline")
+        if n == sig.get("best_classical") and n != sig.get("best_baseline"):
+            tag.append("best classical")
+        rows.append([display(n) + (f" ({', '.join(tag)})" if tag else ""), f"{b['diff']:+.3f}" if np.isfinite(b["diff"]) else "–",
+                     f"[{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}]" if b.get("ci") else "–", _p(b.get("p")),
+                     _f(w.get("t"), 2), _p(w.get("p")), str(b.get("n_images", ""))])
+    return rows
+
+
+SIG_HEADER = ["vs", "ΔSRCC", "95% CI (cases)", "p (case bootstrap)", "Williams t", "p (Williams)", "images"]
+
+
+def _provenance(metrics: dict) -> list[str]:
+    ts = metrics["test_set"]
+    lab = metrics["labels"]
+    main = metrics["significance"]["reference"]
+    src = metrics["methods"][main]["source"]
+    trained = (src.get("trained_on") or {})
+    lines = [
+        f"Labels: `{lab['path']}` (labelling model: {lab.get('model_id') or 'unknown'})",
+        f"Model under evaluation: {main}, `{src.get('path')}` (variant {src.get('variant')}, "
+        f"trained on {trained.get('n_images', '?')} images of `{trained.get('labels', '?')}`)",
+        f"Test set: {ts['n_images']} images of {ts['n_cases']} held-out cases from `{ts['split_file']}`"
+        + (f" — a case-stratified sample (--max-images {ts['max_images']}, seed {ts['sample_seed']}) of "
+           f"{ts['n_usable']} usable" if ts.get("sampled") else "")
+        + f"; dropped: {', '.join(f'{k} {v}' for k, v in ts['dropped'].items())}",
+        f"Confidence intervals: {metrics['settings']['n_boot']} bootstrap replicates resampling cases "
+        f"(seed {metrics['settings']['seed']}); PLCC and RMSE after the VQEG 4-parameter logistic fit; lower-is-better "
+        "scores sign-flipped",
+    ]
+    unverified = [n for n, m in metrics["methods"].items() if m["kind"] != "classical"
+                  and not m["source"].get("split_verified", True)]
+    if unverified:
+        lines.append(f"Warning: no saved split for {', '.join(unverified)}: cannot verify they never saw the test cases")
+    return lines
+
+
+def _significance_text(metrics: dict) -> str:
+    sig = metrics["significance"]
+    main, best = sig["reference"], sig.get("best_baseline")
+    if not best or best not in sig["tests"]:
+        return "No baseline to test against."
+    b = sig["tests"][best]["bootstrap"]
+    level = metrics["settings"].get("level", 0.95)
+    alpha = 1 - level
+    if not np.isfinite(b["diff"]) or b.get("ci") is None:
+        return f"The SRCC difference between {main} and {display(best)} is undefined."
+    verdict = "significantly higher than" if (b["diff"] > 0 and b["p"] < alpha) else (
+        "significantly lower than" if (b["diff"] < 0 and b["p"] < alpha) else "not significantly different from")
+    return (f"{main}'s SRCC is {verdict} that of the best baseline, {display(best)}: difference {b['diff']:+.3f} "
+            f"(95 % CI {b['ci'][0]:+.3f} to {b['ci'][1]:+.3f}; paired case bootstrap p = {_p(b['p'])}, "
+            f"{b['n_valid']} replicates). Williams' t, which treats images as independent, is given for reference "
+            "and is optimistic when images cluster in cases.")
+
+
+def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
+    main = metrics["significance"]["reference"]
+    lines = [f"# MedQM evaluation: {main} vs classical and deep BIQA", ""]
+    lines += [f"- {p}" for p in _provenance(metrics)]
+    lines += ["", "## Headline", "", _md_table(HEADLINE_HEADER, headline_rows(metrics)), ""]
+    lines += ["## Significance", "", _significance_text(metrics), "",
+              _md_table(SIG_HEADER, significance_rows(metrics)), ""]
+    lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
+    lines += [f"- {t}" for t in metrics["alignment"]["text"]]
+    h, r = group_table(metrics, "by_modality")
+    lines += ["", "## Per modality (SRCC)", "", _md_table(h, r), ""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    lines += ["The full report, with per-type and per-level tables and the heatmap gallery, is `report.html`; every "
+              "number is in `metrics.json`.", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+img.fig{max-width:100%;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:10px}
+.gallery figure{margin:0;width:230px;font-size:.75em}.gallery img{width:230px}
+.note{color:#555;font-size:.9em}ul.text li{margin:.3em 0}.scroll{overflow-x:auto}
+"""
+
+
+def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[dict]) -> None:
+    main = metrics["significance"]["reference"]
+
+    def img(key: str, alt: str) -> str:
+        if key not in pngs:
+            return ""
+        return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(pngs[key]).decode()}">'
+
+    def para(t: str) -> str:
+        # *word* from the generated text becomes emphasis
+        parts = html.escape(t).split("*")
+        return "".join(f"<em>{p}</em>" if i % 2 else p for i, p in enumerate(parts))
+
+    al = metrics["alignment"]
+    s = [f"<!doctype html><html><head><meta charset='utf-8'><title>MedQM evaluation: {html.escape(main)}</title>",
+         f"<style>{CSS}</style></head><body>", f"<h1>MedQM evaluation: {html.escape(main)} vs classical and deep BIQA</h1>",
+         "<ul class='note'>" + "".join(f"<li>{para(p.replace('`', ''))}</li>" for p in _provenance(metrics)) + "</ul>",
+         "<h2>Headline</h2>", _html_table(HEADLINE_HEADER, headline_rows(metrics)),
+         img("srcc", "SRCC with confidence intervals"),
+         "<h2>Significance</h2>", f"<p>{para(_significance_text(metrics))}</p>",
+         _html_table(SIG_HEADER, significance_rows(metrics)),
+         "<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>",
+         "<p class='note'>Human-perception BIQA metrics (NIQE, BRISQUE, PIQE; sign-flipped so that higher = better) "
+         "against the labels on the same test images. The sentences below are generated from the numbers.</p>",
+         "<ul class='text'>" + "".join(f"<li>{para(t)}</li>" for t in al["text"]) + "</ul>"]
+    if al.get("metrics"):
+        names = al["metrics"] + [main]
+        h, r = group_table(metrics, "by_modality", names)
+        s += ["<h3>Per modality (SRCC with the labels)</h3>", _html_table(h, r)]
+        sev = al.get("severity", {})
+        header = ["type", "images", "label vs level"] + [f"{display(n)} vs label" for n in names] + \
+                 [f"{display(n)} vs level" for n in names]
+        rows = []
+        for t, e in sorted(sev.items()):
+            bt = {n: metrics["methods"][n]["by_type"].get(t, {}) for n in names}
+            rows.append([t, str(e.get("n_images", "")), _f(e.get("label"), 2)]
+                        + [_f(bt[n].get("srcc"), 2) for n in names] + [_f(e.get(n), 2) for n in names])
+        if rows:
+            s += ["<h3>Per distortion type</h3>",
+                  "<p class='note'>“vs label”: SRCC with the labels within the type. “vs level”: SRCC with the "
+                  "distortion level (−1 = the score falls steadily with severity).</p>",
+                  "<div class='scroll'>" + _html_table(header, rows) + "</div>"]
+    s += ["<h2>Quality vs severity</h2>", img("severity", "quality vs severity per distortion type"),
+          "<h2>Predicted vs label</h2>", img("scatter", "predicted vs label"),
+          "<h2>Per modality (all methods, SRCC)</h2>", "<div class='scroll'>" + _html_table(*group_table(metrics, "by_modality")) + "</div>",
+          "<h2>Per distortion type (all methods, SRCC)</h2>", "<div class='scroll'>" + _html_table(*group_table(metrics, "by_type")) + "</div>",
+          "<h2>Per level (all methods, SRCC)</h2>", "<div class='scroll'>" + _html_table(*group_table(metrics, "by_level")) + "</div>",
+          "<h2>Where MedQM-I looks</h2>"]
+    if gallery:
+        s.append("<p class='note'>Attention heatmaps of the model under evaluation on test images (lowest and highest "
+                 "label per modality).</p><div class='gallery'>")
+        for g in gallery:
+            src = base64.b64encode(_overlay_png(g["overlay"])).decode()
+            lvl = "" if g.get("level") is None else f" L{g['level']}"
+            s.append(f"<figure><img alt='heatmap' src='data:image/png;base64,{src}'><figcaption>{html.escape(g['modality'])} · "
+                     f"{html.escape(str(g['type']))}{lvl}<br>label {g['label']:.3f} · predicted {g['pred']:.3f}<br>"
+                     f"<span class='note'>{html.escape(Path(g['path']).name)}</span></figcaption></figure>")
+        s.append("</div>")
+    else:
+        s.append("<p class='note'>No heatmaps: the model has neither textual priors nor implicit queries, or the "
+                 "gallery was switched off.</p>")
+    s += ["<h2>Label distribution</h2>", img("labels", "label distribution"),
+          f"<p class='note'>medqm {html.escape(str(metrics['medqm_version']))} · {html.escape(metrics['created'])} · "
+          f"total {metrics['timing'].get('total', 0):.0f} s · every number is in metrics.json</p>", "</body></html>"]
+    path.write_text("\n".join(s), encoding="utf-8")
+
+
+def write_report(metrics: dict, rows, methods, out: Path, *, gallery: list[dict] | None = None,
+                 all_labels: np.ndarray | None = None) -> dict[str, Path]:
+    """Write metrics.json, report.md, report.html and figures/*.png into ``out``; returns their paths."""
+    from medqm._fs import atomic_path
+
+    from .runner import _jsonable
+
+    out = Path(out)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    pngs = {"srcc": fig_srcc_bars(metrics), "scatter": fig_scatter(metrics, rows, methods),
+            "labels": fig_labels(rows, all_labels)}
+    sev = fig_severity(metrics)
+    if sev is not None:
+        pngs["severity"] = sev
+    files: dict[str, Path] = {}
+    for k, b in pngs.items():
+        files[f"figures/{k}.png"] = figdir / f"{k}.png"
+        (figdir / f"{k}.png").write_bytes(b)
+    files["metrics.json"] = out / "metrics.json"
+    with atomic_path(files["metrics.json"]) as tmp:
+        tmp.write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    files["report.md"] = out / "report.md"
+    write_markdown(metrics, files["report.md"], {k: f"figures/{k}.png" for k in ("srcc", "severity", "scatter")
+                                                 if k in pngs})
+    files["report.html"] = out / "report.html"
+    write_html(metrics, files["report.html"], pngs, gallery or [])
+    return files
+
+
+__all__ = ["write_report", "headline_rows", "HEADLINE_HEADER", "group_table", "ordered_methods", "display"]
