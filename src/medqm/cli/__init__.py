@@ -521,6 +521,8 @@ def demo(
                                                    "stand-in VLM)."),
     collection: Optional[Path] = typer.Option(None, help="Collection folder with manifest.csv (default: data/demo)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads and worker processes (default: all cores)."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of demo settings (medqm.demo.DemoConfig fields: "
+                                                      "refs_per_case, plan, epochs, n_boot…) over the preset."),
 ):
     """The whole pipeline, offline: distort → label (MedQM-D) → train MedQM-I and baselines → evaluate → report."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -530,8 +532,11 @@ def demo(
     try:
         from medqm.demo import STAGES, DemoError, demo_config, headline, run_demo
 
-        cfg = demo_config("quick" if quick else "full", out=str(out), vlm=model,
-                          collection=str(collection) if collection else None, threads=threads)
+        settings = _read_settings(config) if config else {}
+        settings.update({k: v for k, v in {"out": str(out), "vlm": model, "threads": threads,
+                                           "collection": str(collection) if collection else None}.items()
+                         if v is not None})
+        cfg = demo_config("quick" if quick else "full", **settings)
         console.print(f"medqm demo ({cfg.preset}) → {out}", highlight=False)
         columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as bar:

@@ -1,0 +1,626 @@
+"""`medqm demo`: the whole MedQM pipeline on the bundled collection, offline, re-runnable.
+
+Stages, run in pipeline order, each through the public function of its package::
+
+    select    a few reference images per case of the collection          (`select_references`, medqm.io)
+    distort   a shipped demo plan over them                              (medqm.distort.plan.run_plan)
+    label     the diagnostic loss of the stand-in VLM (MedQM-D)          (medqm.label.runner.run_labels)
+    train     MedQM-I, its ablations and the deep baseline, on one       (medqm.train.train, frozen backbone,
+              case-level split                                            cached features)
+    evaluate  all of them against NIQE, BRISQUE and PIQE on the held-out (medqm.evaluate.evaluate)
+              cases, with the report
+
+Caching. Every stage writes into ``OUT/<stage>-<key>/``, the key being a SHA-256 (16 hex digits) of everything
+its output depends on: the key of the stage before it, its own settings, the medqm version and, for the first stages,
+the content of the inputs (the selected reference images and masks, the plan, the VLM's files). A stage
+that finishes writes ``stage.json`` there last; a later run that computes the same key finds it and skips
+the stage. A stage folder without ``stage.json`` is an interrupted run: the stage is run again in the same
+folder, and since distortion (ledger), labelling (shards), feature extraction (content-keyed cache), the
+training loop (one stamp per model) and scoring (score caches) all resume, only the missing work is done.
+Changing a setting or an input changes the key of that stage and of every stage after it, so a new folder
+is made; nothing is ever overwritten with results of another configuration.
+
+This module sits on top of every stage (it imports them all); no stage imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from medqm import __version__
+from medqm._fs import atomic_path
+
+STAGES = ("select", "distort", "label", "train", "evaluate")
+STAMP = "stage.json"
+MAIN_MODEL = "medqm_i"
+# Display names of the trained models in the report and the headline table.
+MODEL_NAMES = {
+    "medqm_i": "MedQM-I",
+    "medqm_i_no_priors": "MedQM-I no priors",
+    "medqm_i_no_queries": "MedQM-I no queries",
+    "medqm_i_single_head": "MedQM-I single head",
+    "medqm_i_baseline": "deep baseline",
+}
+
+Log = Callable[[str], None]
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass
+class DemoConfig:
+    """Every setting of a demo run; the two presets are in `PRESETS` (``demo_config('full' | 'quick')``).
+
+    Args:
+        out: output folder; stage folders, ``demo.json`` and a copy of ``report.html`` go there.
+        preset: name of the preset the settings came from (recorded only).
+        collection: image collection with ``manifest.csv`` (default: the bundled ``data/demo``).
+        vlm: diagnostic model, a local Hugging Face folder or hub id (default: the shipped stand-in VLM).
+        modalities: only cases of these modalities (empty: all).
+        cases_per_modality: keep the largest this many cases of each modality (None: all); ties by case id.
+        refs_per_case: reference images per case, evenly spread over the case's images, half of them taken
+            from its lesion-positive images when it has any.
+        plan: distortion plan, a shipped plan name or a plan file.
+        lesion_questions: ask the lesion questions (presence, quadrant) as well as modality, body part, plane.
+        label_batch_size: VLM samples per forward pass; shard_size: reference images per label shard.
+        models: registered MedQM-I variants to train; must contain ``medqm_i`` (the evaluated model).
+        img_size, epochs, patience, batch_size, lr, seed, fractions: training (`medqm.train.TrainConfig`),
+            always in frozen-backbone mode; ``seed`` also seeds the split and the bootstrap.
+        baselines: classical baselines of the evaluation (`medqm.evaluate.list_baselines`).
+        n_boot: bootstrap replicates (cases resampled) for the confidence intervals.
+        gallery: heatmap examples in the report; group_ci: bootstrap the per-modality/type/level SRCC too.
+        runtime: MedQM-I scoring runtime in the evaluation ('torch', 'onnx' or 'auto').
+        threads: CPU threads for torch and worker processes for distortion and baselines (None: all cores).
+    """
+
+    out: str = "runs/demo"
+    preset: str = "full"
+    collection: str | None = None
+    vlm: str | None = None
+    modalities: list[str] = field(default_factory=list)
+    cases_per_modality: int | None = None
+    refs_per_case: int = 3
+    plan: str = "demo"
+    lesion_questions: bool = True
+    label_batch_size: int = 8
+    shard_size: int = 4
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    img_size: int = 224
+    epochs: int = 20
+    patience: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    baselines: list[str] = field(default_factory=lambda: ["niqe", "brisque", "piqe"])
+    n_boot: int = 1000
+    gallery: int = 8
+    group_ci: bool = True
+    runtime: str = "torch"
+    threads: int | None = None
+
+    def __post_init__(self):
+        for name in ("refs_per_case", "label_batch_size", "shard_size", "img_size", "epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.cases_per_modality is not None and self.cases_per_modality < 1:
+            raise ValueError(f"cases_per_modality must be >= 1 or None, got {self.cases_per_modality}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None (all cores), got {self.threads}")
+        if self.n_boot < 10:
+            raise ValueError(f"n_boot must be >= 10, got {self.n_boot}")
+        if MAIN_MODEL not in self.models:
+            raise ValueError(f"models must contain {MAIN_MODEL!r} (the evaluated model), got {self.models}")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models lists a model twice: {self.models}")
+        self.fractions = tuple(float(f) for f in self.fractions)
+        self.models, self.baselines, self.modalities = list(self.models), list(self.baselines), list(self.modalities)
+
+
+# Sizes of the two presets. `full` is what `make demo` runs (≈ 1,500 distorted images, ≤ 15 min on 2 CPU
+# cores, see docs/demo.md); `quick` exercises every stage on a handful of images (the end-to-end test).
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "quick": {
+        "modalities": ["CT", "MR"], "cases_per_modality": 4, "refs_per_case": 1, "plan": "demo-quick",
+        "epochs": 3, "patience": 0, "batch_size": 16, "n_boot": 100, "gallery": 2,
+    },
+}
+
+
+def demo_config(preset: str = "full", **overrides: Any) -> DemoConfig:
+    """The settings of a preset ('full' or 'quick'), with ``overrides`` (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose from {', '.join(PRESETS)}")
+    known = {f.name for f in fields(DemoConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown demo settings {unknown}; known: {sorted(known)}")
+    settings = {**PRESETS[preset], "preset": preset, **{k: v for k, v in overrides.items() if v is not None}}
+    return DemoConfig(**settings)
+
+
+# ------------------------------------------------------------------------------------------------ stage records
+@dataclass
+class StageRecord:
+    """One stage of a run: its folder, key, whether it was reused, and its times.
+
+    ``seconds`` is the wall-clock time of the stage in this run (the time to check the stamp when it was
+    reused); ``computed_seconds`` the time the stage took when it was computed (summed over resumed runs).
+    """
+
+    name: str
+    dir: Path
+    key: str
+    cached: bool
+    seconds: float
+    computed_seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    config: DemoConfig
+    stages: dict[str, StageRecord]
+    metrics: dict[str, Any]
+    report_html: Path
+    seconds: float
+
+    def timings(self) -> dict[str, float]:
+        """Wall-clock seconds per stage in this run, and the total."""
+        t = {n: round(r.seconds, 2) for n, r in self.stages.items()}
+        t["total"] = round(self.seconds, 2)
+        return t
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of a stage's name, the medqm version and its inputs (as sorted JSON)."""
+    blob = json.dumps({"stage": stage, "medqm_version": __version__, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 over every file below ``path`` (relative names and bytes), hidden files left out."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def read_stamp(folder: Path) -> dict[str, Any] | None:
+    """A finished stage's record, or None (missing, unreadable, or written by a run of another key)."""
+    path = folder / STAMP
+    if not path.is_file():
+        return None
+    try:
+        stamp = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stamp if stamp.get("key") == folder.name.rpartition("-")[2] else None
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+class _Stage:
+    """Runs one stage in its content-addressed folder, or reuses it; keeps the stage's log file."""
+
+    def __init__(self, out: Path, name: str, inputs: dict[str, Any], log: Log):
+        self.name, self.inputs, self.say = name, inputs, log
+        self.key = stage_key(name, inputs)
+        self.dir = out / f"{name}-{self.key}"
+        self.stamp = read_stamp(self.dir)
+        self.t0 = time.perf_counter()
+        self._previous = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.stamp is not None
+
+    def start(self) -> None:
+        resuming = self.dir.is_dir() and any(self.dir.iterdir())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        partial = self.dir / ".partial.json"  # time spent by interrupted earlier runs of this stage
+        if partial.is_file():
+            try:
+                self._previous = float(json.loads(partial.read_text())["seconds"])
+            except (ValueError, KeyError, json.JSONDecodeError):
+                self._previous = 0.0
+        self.log(f"== {self.name} ({self.key}) medqm {__version__}")
+        self.say(f"[{STAGES.index(self.name) + 1}/{len(STAGES)}] {self.name} → {self.dir}"
+                 + (" (resuming an interrupted run)" if resuming else ""))
+
+    def log(self, msg: str) -> None:
+        with open(self.dir / "log.txt", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+    def checkpoint(self) -> None:
+        """Record the time spent so far, for the stage's total should this run be interrupted."""
+        _write_json({"seconds": self._previous + time.perf_counter() - self.t0}, self.dir / ".partial.json")
+
+    def finish(self, summary: dict[str, Any]) -> StageRecord:
+        seconds = time.perf_counter() - self.t0
+        self.stamp = {"stage": self.name, "key": self.key, "medqm_version": __version__,
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(self._previous + seconds, 3),
+                      "inputs": self.inputs, "summary": summary}
+        _write_json(self.stamp, self.dir / STAMP)
+        (self.dir / ".partial.json").unlink(missing_ok=True)
+        return StageRecord(self.name, self.dir, self.key, False, seconds, self._previous + seconds, summary)
+
+    def reused(self) -> StageRecord:
+        return StageRecord(self.name, self.dir, self.key, True, time.perf_counter() - self.t0,
+                           float(self.stamp.get("seconds", 0.0)), dict(self.stamp.get("summary", {})))
+
+
+class DemoError(ValueError):
+    """A stage could not finish (failed images, a missing model); the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+def select_references(manifest, *, modalities: Sequence[str] = (), cases_per_modality: int | None = None,
+                      refs_per_case: int = 3):
+    """The demo's reference images: rows of a collection manifest, deterministic.
+
+    Cases of ``modalities`` (all when empty); per modality the ``cases_per_modality`` largest cases (most
+    images first, then case id); per case ``refs_per_case`` images evenly spread over the case's images in id
+    order, ``ceil(refs_per_case / 2)`` of them from its lesion-positive images when it has any, so volumes
+    contribute slices with and without the lesion.
+    """
+    df = manifest
+    if modalities:
+        df = df[df["modality"].isin(list(modalities))]
+    if df.empty:
+        raise DemoError(f"the collection has no images of modalities {list(modalities)}")
+    keep = []
+    for _, g in df.groupby("modality", sort=True):
+        sizes = g.groupby("case_id").size()
+        cases = sorted(sizes.index, key=lambda c: (-int(sizes[c]), str(c)))
+        for case in cases[:cases_per_modality] if cases_per_modality else cases:
+            rows = g[g["case_id"] == case].sort_values("id")
+            positive = rows["lesion"].astype(str).str.strip().isin(["1", "1.0"]) if "lesion" in rows else None
+            if positive is not None and positive.any() and not positive.all():
+                n_pos = min(int(positive.sum()), math.ceil(refs_per_case / 2))
+                n_neg = min(int((~positive).sum()), refs_per_case - n_pos)
+                n_pos = min(int(positive.sum()), refs_per_case - n_neg)  # too few negatives: more positives
+                picks = _spread(rows[positive], n_pos) + _spread(rows[~positive], n_neg)
+            else:
+                picks = _spread(rows, refs_per_case)
+            keep += picks
+    return df.loc[sorted(set(keep))].sort_values("id").reset_index(drop=True)
+
+
+def _spread(rows, k: int) -> list:
+    """Index labels of ``k`` rows evenly spread over ``rows`` (the middle of k equal parts)."""
+    n = len(rows)
+    if k <= 0 or n == 0:
+        return []
+    if k >= n:
+        return list(rows.index)
+    return [rows.index[int((i + 0.5) * n / k)] for i in range(k)]
+
+
+def _run_select(cfg: DemoConfig, out: Path, log: Log) -> StageRecord:
+    from medqm.io.collection import MANIFEST, default_collection, load_manifest
+
+    root = Path(cfg.collection) if cfg.collection else default_collection()
+    t0 = time.perf_counter()
+    manifest = load_manifest(root)
+    chosen = select_references(manifest, modalities=cfg.modalities, cases_per_modality=cfg.cases_per_modality,
+                               refs_per_case=cfg.refs_per_case)
+    # Absolute paths: the selection is a collection of its own whose files stay where they are.
+    chosen = chosen.copy()
+    chosen["path"] = [str(Path(p).resolve()) for p in chosen["abs_path"]]
+    if "mask" in chosen:
+        chosen["mask"] = [str((root / m).resolve()) if str(m).strip() else "" for m in chosen["mask"]]
+    chosen = chosen.drop(columns=["abs_path"])
+    content = []
+    for r in chosen.to_dict("records"):
+        files = [r["path"]] + ([r["mask"]] if r.get("mask") else [])
+        content.append({**{k: str(v) for k, v in r.items()}, "sha256": [file_sha256(f) for f in files]})
+    # The absolute locations are part of the key: later stages record absolute paths to these files and to
+    # the stage folders, so a moved collection or output folder starts afresh instead of pointing elsewhere.
+    inputs = {"collection": str(root.resolve()), "out": str(out.resolve()), "images": content,
+              "selection": {"modalities": cfg.modalities, "cases_per_modality": cfg.cases_per_modality,
+                            "refs_per_case": cfg.refs_per_case}}
+    stage = _Stage(out, "select", inputs, log)
+    stage.t0 = t0
+    if stage.done:
+        return stage.reused()
+    stage.start()
+    with atomic_path(stage.dir / MANIFEST) as tmp:
+        chosen.to_csv(tmp, index=False)
+    summary = {"collection": str(root), "images": len(chosen), "cases": int(chosen["case_id"].nunique()),
+               "by_modality": {str(m): int(n) for m, n in chosen.groupby("modality").size().items()}}
+    return stage.finish(summary)
+
+
+def _run_distort(cfg: DemoConfig, out: Path, select: StageRecord, log: Log, progress: Progress) -> StageRecord:
+    from medqm.distort.plan import Plan, run_plan
+
+    try:
+        plan = Plan.load(cfg.plan)
+    except ValueError as e:
+        raise DemoError(str(e)) from e
+    stage = _Stage(out, "distort", {"select": select.key, "plan": asdict(plan)}, log)
+    if stage.done:
+        return stage.reused()
+    stage.start()
+    def on_progress(done: int, total: int) -> None:
+        progress("distort", done, total)
+        stage.checkpoint()
+
+    summary = run_plan(select.dir, plan, stage.dir, workers=cfg.threads, progress=on_progress)
+    if summary.failed:
+        stage.checkpoint()
+        raise DemoError(f"{len(summary.failed)} distortions failed (listed in {stage.dir / 'failures.csv'}); "
+                        "rerun to retry them")
+    return stage.finish({"plan": plan.name, "images": summary.total, "types": plan.type_names, "levels": plan.levels})
+
+
+def _vlm_source(cfg: DemoConfig) -> tuple[str, dict[str, Any]]:
+    """The VLM to label with and what identifies its content (a local folder's files are hashed)."""
+    from medqm.label.demo_vlm import DEMO_VLM_DIR
+
+    spec = cfg.vlm or str(DEMO_VLM_DIR)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DemoError(f"{path} is not a model folder (no config.json)")
+        return str(path.resolve()), {"model": path.resolve().name, "sha256": folder_sha256(path)}
+    if cfg.vlm is None:
+        raise DemoError(f"the shipped stand-in VLM is missing ({DEMO_VLM_DIR}); pass --model DIR_OR_HUB_ID")
+    if path.exists() or spec.startswith(("/", "./", "../", "~")):
+        raise DemoError(f"--model {spec!r} is not a model folder")
+    from medqm.label.hf import model_identity
+
+    ident = model_identity(spec)
+    return spec, {"model": ident.model_id, "revision": ident.revision}
+
+
+def _questions(cfg: DemoConfig, select: StageRecord):
+    """The collection's diagnostic questions (`demo_questions` of the whole collection, so the answer choices
+    are those of `medqm label --tasks demo`), for the selected images only."""
+    import pandas as pd
+
+    from medqm.io.collection import MANIFEST
+    from medqm.label.tasks import demo_questions
+
+    chosen = pd.read_csv(select.dir / MANIFEST, dtype=str, keep_default_na=False)
+    root = Path(select.summary["collection"])
+    wanted = {str(Path(p).resolve()) for p in chosen["path"]}
+    return [it for it in demo_questions(root, lesions=cfg.lesion_questions) if str(Path(it.image).resolve()) in wanted]
+
+
+def _run_label(cfg: DemoConfig, out: Path, select: StageRecord, distort: StageRecord, vlm: tuple[str, dict],
+               log: Log, progress: Progress) -> StageRecord:
+    from medqm.label.quality import DEFAULT_MAP
+
+    source, vlm_id = vlm
+    inputs = {"distort": distort.key, "select": select.key, "vlm": vlm_id, "lesion_questions": cfg.lesion_questions,
+              "quality_map": DEFAULT_MAP.to_dict(), "shard_size": cfg.shard_size}
+    stage = _Stage(out, "label", inputs, log)
+    if stage.done:
+        return stage.reused()
+    stage.start()
+    items = _questions(cfg, select)
+    from transformers.utils import logging as hf_logging
+
+    from medqm.label.hf import load_model
+    from medqm.label.runner import run_labels
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the demo's own bar is the one progress display
+    try:
+        t = time.perf_counter()
+        model = load_model(source, device="cpu", batch_size=cfg.label_batch_size)
+        stage.log(f"loaded {model!r} in {time.perf_counter() - t:.1f} s; {len(items)} questions")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    t, first = time.perf_counter(), [None]
+
+    def on_progress(done: int, total: int) -> None:
+        first[0] = done if first[0] is None else first[0]
+        progress("label", done, total)
+        stage.checkpoint()
+
+    summary = run_labels(items, model, stage.dir, distorted=distort.dir, quality_map=DEFAULT_MAP,
+                         shard_size=cfg.shard_size, progress=on_progress)
+    if summary.errors:
+        raise DemoError(f"{len(summary.errors)} images could not be labelled (listed in {stage.dir / 'errors.csv'}); "
+                        "rerun to retry them")
+    labelled = summary.rows - (first[0] or 0)
+    seconds = time.perf_counter() - t
+    per_image = len(items) / max(1, len({it.image for it in items}))
+    stage.log(f"{labelled} images labelled in {seconds:.1f} s")
+    return stage.finish({"rows": summary.rows, "questions": len(items), "questions_per_image": round(per_image, 2),
+                         "model_id": model.model_id, "model_revision": model.revision,
+                         "images_per_s": round(labelled / seconds, 2) if labelled and seconds > 0 else None})
+
+
+def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progress: Progress) -> StageRecord:
+    inputs = {"label": label.key, "mode": "frozen", "img_size": cfg.img_size, "epochs": cfg.epochs,
+              "patience": cfg.patience, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+              "fractions": list(cfg.fractions)}
+    stage = _Stage(out, "train", inputs, log)
+    todo = [m for m in cfg.models if not (stage.dir / f"{m}.done.json").is_file()]
+    if stage.done and not todo:
+        return stage.reused()
+    stage.start()
+    from medqm.label.runner import read_labels
+    from medqm.train import TrainConfig, make_split, save_split, train
+    from medqm.train.data import training_rows
+
+    split_file = stage.dir / "split.csv"
+    if not split_file.is_file():  # one case-level split for every model, made before any of them trains
+        rows, _ = training_rows(read_labels(label.dir))
+        save_split(make_split(rows, fractions=cfg.fractions, seed=cfg.seed), split_file)
+    results = {}
+    for name in cfg.models:
+        done_file = stage.dir / f"{name}.done.json"
+        if done_file.is_file():
+            results[name] = json.loads(done_file.read_text(encoding="utf-8"))
+            continue
+        shown = MODEL_NAMES.get(name, name)
+        tcfg = TrainConfig(labels=str(label.dir), out=str(stage.dir / name), model=name,
+                           model_kwargs={"img_size": cfg.img_size}, mode="frozen", epochs=cfg.epochs,
+                           patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                           fractions=cfg.fractions, split_file=str(split_file),
+                           cache_dir=str(out / "cache" / "features"), device="cpu")
+        t = time.perf_counter()
+        stage.log(f"-- {name}")
+
+        def on_progress(what: str, done: int, total: int, shown=shown) -> None:
+            progress("features" if what == "features" else f"train {shown}", done, total)
+
+        r = train(tcfg, log=stage.log, progress=on_progress)
+        progress(f"train {shown}", r.epochs_run, r.epochs_run)  # early stopping ends the bar where it stopped
+        o = r.test.get("overall", {})
+        results[name] = {"seconds": round(time.perf_counter() - t, 2), "best_epoch": r.best_epoch,
+                         "epochs_run": r.epochs_run, "test_srcc": o.get("srcc"), "test_plcc": o.get("plcc")}
+        _write_json(results[name], done_file)
+        stage.checkpoint()
+        log(f"  {shown}: held-out SRCC {_num(o.get('srcc'))}, PLCC {_num(o.get('plcc'))} "
+            f"({r.epochs_run} epochs, {results[name]['seconds']:.0f} s)")
+    return stage.finish({"models": results, "split": str(split_file)})
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+def _run_evaluate(cfg: DemoConfig, out: Path, label: StageRecord, trained: StageRecord, log: Log,
+                  progress: Progress) -> StageRecord:
+    inputs = {"label": label.key, "train": trained.key, "models": cfg.models, "baselines": cfg.baselines,
+              "n_boot": cfg.n_boot, "seed": cfg.seed, "gallery": cfg.gallery, "group_ci": cfg.group_ci,
+              "runtime": cfg.runtime}
+    stage = _Stage(out, "evaluate", inputs, log)
+    if stage.done and (stage.dir / "metrics.json").is_file() and (stage.dir / "report.html").is_file():
+        return stage.reused()
+    stage.start()
+    from medqm.evaluate import EvalConfig, evaluate
+
+    compare = [f"{MODEL_NAMES.get(m, m)}={trained.dir / m}" for m in cfg.models if m != MAIN_MODEL]
+    ecfg = EvalConfig(labels=str(label.dir), model=str(trained.dir / MAIN_MODEL), out=str(stage.dir), compare=compare,
+                      name=MODEL_NAMES[MAIN_MODEL], baselines=cfg.baselines, n_boot=cfg.n_boot, seed=cfg.seed,
+                      workers=cfg.threads or os.cpu_count() or 1, device="cpu", runtime=cfg.runtime,
+                      num_threads=cfg.threads, gallery=cfg.gallery, group_ci=cfg.group_ci)
+    result = evaluate(ecfg, log=stage.log, progress=lambda what, d, t: progress(f"score {what}", d, t))
+    info = result.metrics["test_set"]
+    return stage.finish({"test_images": info.get("n_images"), "test_cases": info.get("n_cases"),
+                         "timing": {k: round(v, 2) for k, v in result.metrics.get("timing", {}).items()}})
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def run_demo(cfg: DemoConfig, *, log: Log | None = print, progress: Progress | None = None) -> DemoResult:
+    """Run (or reuse) every stage into ``cfg.out``; returns the stage records, the metrics and the report.
+
+    ``log`` receives one line per stage (started, reused, finished with its time); the stages' detailed logs
+    go to ``log.txt`` in their folders. ``progress(task, done, total)`` reports the work inside the stages
+    ('distort', 'label', 'features', 'train <model>', 'score <method>').
+
+    Raises:
+        DemoError: a stage could not finish (the message says why and what to do).
+    """
+    say = log or (lambda _m: None)
+    report = progress or (lambda _t, _d, _n: None)
+    t0 = time.perf_counter()
+    vlm = _vlm_source(cfg)  # before any work: a missing model stops the demo at once
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = None
+    if cfg.threads is not None:
+        import torch
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+    stages: dict[str, StageRecord] = {}
+
+    def done(rec: StageRecord, what: str) -> StageRecord:
+        stages[rec.name] = rec
+        how = (f"reused {rec.dir.name} (computed in {rec.computed_seconds:.1f} s)" if rec.cached
+               else f"{rec.seconds:.1f} s")
+        say(f"[{STAGES.index(rec.name) + 1}/{len(STAGES)}] {rec.name}: {what}; {how}")
+        return rec
+
+    try:
+        sel = _run_select(cfg, out, say)
+        s = sel.summary
+        by_modality = ", ".join(f"{m} {n}" for m, n in s["by_modality"].items())
+        done(sel, f"{s['images']} reference images of {s['cases']} cases ({by_modality})")
+        dist = _run_distort(cfg, out, sel, say, report)
+        done(dist, f"{dist.summary['images']} distorted images of {s['images']} references ({s['cases']} cases) "
+                   f"with plan {dist.summary['plan']!r}")
+        lab = _run_label(cfg, out, sel, dist, vlm, say, report)
+        rate = lab.summary.get("images_per_s")
+        done(lab, f"{lab.summary['rows']} labelled images, {lab.summary['questions']} diagnostic questions"
+                  + (f", {rate:.1f} images/s" if rate else ""))
+        trained = _run_train(cfg, out, lab, say, report)
+        done(trained, f"{len(trained.summary['models'])} models trained (frozen backbone)")
+        ev = _run_evaluate(cfg, out, lab, trained, say, report)
+        done(ev, f"{ev.summary['test_images']} held-out images of {ev.summary['test_cases']} cases scored by "
+                 f"{len(cfg.models)} models and {len(cfg.baselines)} classical baselines")
+    finally:
+        if threads_before is not None:
+            import torch
+
+            torch.set_num_threads(threads_before)
+    metrics = json.loads((ev.dir / "metrics.json").read_text(encoding="utf-8"))
+    report_html = out / "report.html"  # a stable place for the latest report (it embeds its figures)
+    with atomic_path(report_html) as tmp:
+        shutil.copyfile(ev.dir / "report.html", tmp)
+    seconds = time.perf_counter() - t0
+    result = DemoResult(out, cfg, stages, metrics, report_html, seconds)
+    _write_json({"config": asdict(cfg), "medqm_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "seconds": result.timings(),
+                 "stages": {n: {"dir": str(r.dir), "key": r.key, "cached": r.cached, "seconds": round(r.seconds, 3),
+                                "computed_seconds": round(r.computed_seconds, 3), "summary": r.summary}
+                            for n, r in stages.items()},
+                 "report": str(report_html), "report_dir": str(ev.dir)}, out / "demo.json")
+    return result
+
+
+def headline(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The headline table of an evaluation's metrics: (header, rows), main model first."""
+    from medqm.evaluate._report import HEADLINE_HEADER, headline_rows
+
+    return list(HEADLINE_HEADER), headline_rows(metrics)
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "PRESETS",
+    "STAGES",
+    "DemoConfig",
+    "DemoError",
+    "DemoResult",
+    "StageRecord",
+    "demo_config",
+    "headline",
+    "run_demo",
+    "select_references",
+    "stage_key",
+]

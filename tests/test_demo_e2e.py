@@ -1,0 +1,176 @@
+"""`medqm demo --quick` end to end: every stage on the bundled collection, the report, caching and resuming.
+
+The diagnostic model is a small random stand-in with the shipped model's architecture family (built here in
+seconds, `medqm.label.demo_vlm.build_demo_vlm` at 64 px), so the test neither waits for nor depends on the
+trained stand-in VLM; `--model` is the option a user would pass for their own MLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from medqm.cli import app
+from medqm.demo import MODEL_NAMES, STAGES, DemoConfig, DemoError, demo_config, select_references, stage_key
+
+TINY_ARCH = {"image_size": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_mlp": 128}
+HEADLINE_METHODS = [*MODEL_NAMES.values(), "NIQE", "BRISQUE", "PIQE"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    from medqm.io.collection import default_collection
+    from medqm.label.demo_vlm import DEMO_VLM_ARCH, build_demo_vlm, save_demo_vlm, tokenizer_corpus
+    from medqm.label.tasks import demo_questions
+
+    corpus = tokenizer_corpus(demo_questions(default_collection()))
+    model, processor = build_demo_vlm(corpus, arch={**DEMO_VLM_ARCH, **TINY_ARCH}, pretrained=False)
+    return save_demo_vlm(model, processor, tmp_path_factory.mktemp("vlm") / "tiny-demo-vlm")
+
+
+def _demo(out: Path, vlm: Path):
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--model", str(vlm), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    return r.output, time.perf_counter() - t0
+
+
+def _status(output: str) -> dict[str, str]:
+    """Stage → 'ran' / 'reused', from the stage table."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"│ (\w+)\s+│ (ran|reused)\s+│", output)}
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_vlm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    output, seconds = _demo(out, tiny_vlm)
+    return out, output, seconds
+
+
+def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
+    out, output, _ = first_run
+    assert _status(output) == dict.fromkeys(STAGES, "ran")
+    for method in HEADLINE_METHODS:  # the headline table: MedQM-I, ablations, deep baseline, NIQE, BRISQUE, PIQE
+        assert re.search(rf"│ {re.escape(method)}\s+│ (main|deep|classical)\s+│ -?\d\.\d{{3}} \[", output), method
+    report = out / "report.html"
+    assert f"report: {report}" in output.replace("\n", "")
+    html = report.read_text(encoding="utf-8")
+    assert "MedQM-I no priors" in html and "BRISQUE" in html
+
+    summary = json.loads((out / "demo.json").read_text())
+    assert list(summary["stages"]) == list(STAGES) and summary["config"]["preset"] == "quick"
+    assert set(summary["seconds"]) == {*STAGES, "total"} and summary["seconds"]["total"] < 180
+    stages = {n: Path(s["dir"]) for n, s in summary["stages"].items()}
+    for name, folder in stages.items():
+        stamp = json.loads((folder / "stage.json").read_text())
+        assert folder.name == f"{name}-{stamp['key']}" and stamp["seconds"] >= 0
+
+    # what each stage made: 8 references (4 CT and 4 MR cases), 3 types x 2 levels, five models
+    assert summary["stages"]["select"]["summary"]["by_modality"] == {"CT": 4, "MR": 4}
+    labels = pd.read_parquet(stages["label"] / "labels.parquet")
+    assert len(labels) == 8 * (3 * 2 + 1) and labels["quality"].between(0, 1).all()
+    assert set(labels["level"]) == {0, 1, 4}
+    for model in MODEL_NAMES:
+        assert (stages["train"] / model / "config.json").is_file()
+    split = pd.read_csv(stages["train"] / "split.csv")
+    assert {"train", "val", "test"} <= set(split["split"])
+    metrics = json.loads((stages["evaluate"] / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {*MODEL_NAMES.values(), "niqe", "brisque", "piqe"}
+    assert set(metrics["test_set"]["cases"]) == set(split.loc[split["split"] == "test", "case_id"])
+
+
+def test_a_second_run_reuses_every_stage(first_run, tiny_vlm):
+    out, first, _ = first_run
+    output, seconds = _demo(out, tiny_vlm)
+    assert _status(output) == dict.fromkeys(STAGES, "reused")
+    assert seconds < 30
+    table = [ln for ln in first.splitlines() if ln.startswith("│ MedQM-I ")]
+    assert table and table[0] in output  # the same headline numbers
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(first_run, tiny_vlm):
+    """Stage folders without their stamp, as a kill leaves them: only the missing work is redone."""
+    out, _, _ = first_run
+    stages = {n: Path(s["dir"]) for n, s in json.loads((out / "demo.json").read_text())["stages"].items()}
+    label, trained = stages["label"], stages["train"]
+    before = pd.read_parquet(label / "labels.parquet")
+    shards = sorted((label / "shards").glob("shard-*.parquet"))
+    assert len(shards) >= 2
+    kept = {p: p.stat().st_mtime_ns for p in shards[1:]}
+    shards[0].unlink()  # the shard in progress when the run was killed
+    (label / "stage.json").unlink()
+    (trained / "stage.json").unlink()
+    (trained / "medqm_i_baseline.done.json").unlink()  # the model in training when the run was killed
+    main_weights = (trained / "medqm_i" / "model.safetensors").stat().st_mtime_ns
+
+    output, _ = _demo(out, tiny_vlm)
+    assert _status(output) == {"select": "reused", "distort": "reused", "label": "ran", "train": "ran",
+                               "evaluate": "reused"}
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished shards were not redone
+    # the same rows; NLLs only to float32 rounding (the redone shard's batches are composed differently)
+    after = pd.read_parquet(label / "labels.parquet")
+    assert after["dist_id"].tolist() == before["dist_id"].tolist()
+    for col in ("nll_ref", "nll_dist", "diag_loss", "quality"):
+        assert after[col].to_numpy() == pytest.approx(before[col].to_numpy(), abs=1e-5), col
+    assert (trained / "medqm_i" / "model.safetensors").stat().st_mtime_ns == main_weights
+    assert (trained / "medqm_i_baseline.done.json").is_file() and (trained / "stage.json").is_file()
+
+
+def test_changing_a_setting_makes_new_folders_for_that_stage_and_the_ones_after():
+    a = stage_key("train", {"label": "k", "epochs": 3})
+    assert a == stage_key("train", {"epochs": 3, "label": "k"})  # order does not matter
+    assert a != stage_key("train", {"label": "k", "epochs": 4}) and a != stage_key("label", {"label": "k", "epochs": 3})
+
+
+def test_reference_selection_is_deterministic_and_prefers_lesion_slices():
+    from medqm.io.collection import default_collection, load_manifest
+
+    manifest = load_manifest(default_collection())
+    a = select_references(manifest, refs_per_case=3)
+    assert a["id"].tolist() == select_references(manifest, refs_per_case=3)["id"].tolist()
+    per_case = a.groupby("case_id").size()
+    sizes = manifest.groupby("case_id").size()
+    assert (per_case == sizes.clip(upper=3)).all() and set(per_case.index) == set(sizes.index)
+    lung = a[a["case_id"] == "pyradiomics-lung1"]
+    assert lung["lesion"].astype(str).eq("1").sum() == 2  # ceil(3 / 2) slices through the tumour
+    q = select_references(manifest, modalities=["CT", "MR"], cases_per_modality=4, refs_per_case=1)
+    assert q.groupby("modality")["case_id"].nunique().to_dict() == {"CT": 4, "MR": 4}
+    with pytest.raises(DemoError, match="no images of modalities"):
+        select_references(manifest, modalities=["PET"])
+
+
+def test_config_presets_and_validation():
+    full, quick = demo_config(), demo_config("quick", threads=1)
+    assert full.plan == "demo" and full.refs_per_case == 3 and quick.plan == "demo-quick" and quick.threads == 1
+    assert demo_config(epochs=None).epochs == full.epochs  # None means "not given"
+    with pytest.raises(ValueError, match="unknown demo preset"):
+        demo_config("huge")
+    with pytest.raises(ValueError, match="unknown demo settings"):
+        demo_config(epoch=3)
+    with pytest.raises(ValueError, match="must contain 'medqm_i'"):
+        DemoConfig(models=["medqm_i_baseline"])
+    with pytest.raises(ValueError, match="refs_per_case must be a positive integer"):
+        DemoConfig(refs_per_case=0)
+
+
+def test_default_model_is_the_shipped_stand_in_or_a_clear_error():
+    from medqm.demo import _vlm_source
+    from medqm.label.demo_vlm import DEMO_VLM_DIR
+
+    if (DEMO_VLM_DIR / "config.json").is_file():
+        assert _vlm_source(DemoConfig())[0] == str(DEMO_VLM_DIR.resolve())
+    else:
+        with pytest.raises(DemoError, match="pass --model"):
+            _vlm_source(DemoConfig())
+
+
+def test_shipped_plans_load():
+    from medqm.distort.plan import Plan
+
+    assert Plan.load("demo").levels == [1, 2, 3, 4, 5] and Plan.load("demo-quick").levels == [1, 4]
