@@ -70,7 +70,7 @@ class TrainConfig:
     lr: float = 5e-4
     min_lr_ratio: float = 0.05
     warmup: int = 150
-    weight_decay: float = 0.05
+    weight_decay: float = 0.1
     grad_clip: float = 1.0
     threads: int = 2
     eval_every: int = 400  # steps between held-out monitoring
@@ -78,7 +78,7 @@ class TrainConfig:
     type_share: dict = field(default_factory=lambda: {
         "modality": 0.1, "body_part": 0.2, "plane": 0.1, "lesion_present": 0.3, "lesion_quadrant": 0.3})
     # the frozen vision tower's features are computed once per augmented view of every training image
-    views: int = 3  # view 0 is the image itself
+    views: int = 4  # view 0 is the image itself
     shift: int = 12  # px at the model's input resolution
     hflip: bool = True
     affine_p: float = 0.5  # share of views that get a rotation/scale (the others an integer shift only)
@@ -377,16 +377,28 @@ def augment(x, mask, answer, answer_type, rng: np.random.Generator, cfg: TrainCo
     return x, m2, answer
 
 
-def sampling_weights(items, share: dict) -> np.ndarray:
-    """Per-item probabilities: each type gets its share; inside a type, (answer, modality) groups ∝ sqrt(size)."""
+def sampling_weights(items, share: dict, balanced: tuple[str, ...] = ("lesion_present",)) -> np.ndarray:
+    """Per-item probabilities: each type gets its share; inside a type, (answer, modality) groups ∝ sqrt(size).
+
+    For the ``balanced`` types the answers of a modality share its mass equally (the synthetic set has several
+    lesion-positive hybrids per lesion-free copy; a prior-only model must not look good).
+    """
     groups = Counter((it.answer_type, it.answer, it.modality) for it in items)
-    per_type = defaultdict(float)
+    per_mod = Counter()
+    answers = defaultdict(set)
     for (t, a, m), n in groups.items():
-        per_type[t] += math.sqrt(n)
+        per_mod[(t, m)] += n
+        answers[(t, m)].add(a)
+    mass = {}
+    for (t, a, m), n in groups.items():
+        mass[(t, a, m)] = (math.sqrt(per_mod[(t, m)]) / len(answers[(t, m)]) if t in balanced else math.sqrt(n))
+    per_type = defaultdict(float)
+    for (t, a, m), v in mass.items():
+        per_type[t] += v
     w = np.zeros(len(items))
     for i, it in enumerate(items):
-        n = groups[(it.answer_type, it.answer, it.modality)]
-        w[i] = share[it.answer_type] * math.sqrt(n) / n / per_type[it.answer_type]
+        key = (it.answer_type, it.answer, it.modality)
+        w[i] = share[it.answer_type] * mass[key] / groups[key] / per_type[it.answer_type]
     return w / w.sum()
 
 
@@ -734,7 +746,7 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
     dm = load_model(model_dir, batch_size=32)
     val_items = [it for it in data.items if data.split[it.case_id] == "val"]
     pixels = read_pixels(sorted({it.image for it in val_items}))
-    enc = Encoder(model_dir, val_items, pixels)
+    enc = Encoder(model_dir, data.items, pixels)  # every question (the reaction check asks training-only ones)
     probe = _spread(sorted(val_items, key=lambda it: (it.image_id, it.question)), 24, key=lambda it: it.answer_type)
     gap = check_consistency(dm, enc, probe, pixels)
     print(f"training-path NLL vs answer_nll: max |diff| {gap:.2e} over {len(probe)} items", flush=True)
@@ -753,13 +765,22 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
     for it, s in zip(val_items, scores):
         it.meta["source"] = data.source[it.image]
     acc = accuracy_table(val_items, scores)
+    for t_, row in acc.items():  # mean recall over the answers: a constant answer scores 1 / (number of answers)
+        hits = defaultdict(list)
+        for it, sc in zip(val_items, scores):
+            if it.answer_type == t_:
+                hits[it.answer].append(sc["correct"])
+        row["balanced_accuracy"] = float(np.mean([np.mean(h) for h in hits.values()]))
+        row["per_answer"] = {a: {"n": len(h), "recall": float(np.mean(h))} for a, h in sorted(hits.items())}
     acc_src = accuracy_table(val_items, scores, by="source")
     acc_mod = accuracy_table(val_items, scores, by="modality")
     print(f"closed-set scoring of {len(val_items)} held-out items: {time.perf_counter() - t:.0f} s", flush=True)
     for k in TYPES:
         if k in acc:
             tgt = TARGETS.get(k)
-            print(f"  {k:16s} {acc[k]['accuracy']:.3f} (n={acc[k]['n']})" + (f"  target {tgt}" if tgt else ""))
+            print(f"  {k:16s} {acc[k]['accuracy']:.3f} (n={acc[k]['n']}), balanced {acc[k]['balanced_accuracy']:.3f}"
+                  + (f"  target {tgt}" if tgt else "") + "  " + ", ".join(
+                      f"{a} {v['recall']:.2f}/{v['n']}" for a, v in acc[k]["per_answer"].items()))
 
     subset = choose_subset(data, val_items)
     pos = {id(it): i for i, it in enumerate(val_items)}
@@ -788,13 +809,31 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
         "lesion_set": {"per_modality": SUBSET_PREFIX, "variants": cfg.lesion_variants, "seed": cfg.lesion_seed},
         "tolerance": 1e-4, "targets": TARGETS,
         "heldout_accuracy": acc, "reaction_fraction": reaction["fraction_reacting"],
+        "missed": sorted(t_ for t_, tgt in TARGETS.items()
+                         if t_ in acc and min(acc[t_]["accuracy"], acc[t_]["balanced_accuracy"]) < tgt),
         "accuracy": sub_acc, "items": sub_rows,
     }
+    notes = []
+    missed = subset_doc["missed"]
+    if {"lesion_present", "lesion_quadrant"} & set(missed):
+        notes.append(
+            "Lesion targets missed (" + ", ".join(t_ for t_ in missed if t_.startswith("lesion")) + "). The vision "
+            "tower is frozen ImageNet EfficientNet-Lite0 read in 32-px cells (8 × 8 tokens at 256 px), and the "
+            "synthetic lesions are 8–20 px across with a contrast-to-noise ratio of 1.8–5 against their "
+            "surroundings: the decoder can only use what ImageNet features keep of such a blob. A finer grid "
+            "(output stride 16, 256 tokens) costs the decoder 4× the tokens per step (measured 4.9 s instead of "
+            "0.3 s per step on the shared 2-core machine), and training the tower itself needs its forward and "
+            "backward pass on every step; neither fits the 45-minute CPU budget. On a GPU, fine-tuning the "
+            "tower or a stride-16 grid are the first things to try.")
+    if "modality" in missed or "body_part" in missed:
+        notes.append("Held-out modality and body-part items are nearly all CT and MR (the other modalities have "
+                     "one to four cases, so few or none can be held out); their accuracy rests on a handful of "
+                     "held-out patients.")
     (model_dir / "eval_subset.json").write_text(json.dumps(subset_doc, indent=1, ensure_ascii=False) + "\n")
     return {"accuracy": acc, "accuracy_by_source": {f"{k[0]}|{k[1]}": v for k, v in acc_src.items()},
             "accuracy_by_modality": {f"{k[0]}|{k[1]}": v for k, v in acc_mod.items()},
             "subset_accuracy": sub_acc, "n_subset": len(sub_rows), "reaction": reaction, "consistency_gap": gap,
-            "revision": dm.revision, "eval_seconds": time.perf_counter() - t0}
+            "revision": dm.revision, "eval_seconds": time.perf_counter() - t0, "notes": notes}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -972,15 +1011,23 @@ def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res
         tgt = TARGETS.get(t)
         by = [f"{src} {res['accuracy_by_source'][f'{t}|{src}']['accuracy']:.3f} (n={res['accuracy_by_source'][f'{t}|{src}']['n']})"
               for src in ("demo", "lesions") if f"{t}|{src}" in res["accuracy_by_source"]]
-        met = "—" if tgt is None else ("met" if acc[t]["accuracy"] >= tgt else "**missed**")
-        rows.append([t, f"{acc[t]['accuracy']:.3f}", acc[t]["n"], "; ".join(by), tgt if tgt else "—", met])
-    L += _table(["question type", "accuracy", "items", "by source (demo / synthetic)", "target", ""], rows)
+        met = "—" if tgt is None else ("met" if acc[t]["accuracy"] >= tgt and acc[t]["balanced_accuracy"] >= tgt
+                                       else "**missed**")
+        rows.append([t, f"{acc[t]['accuracy']:.3f}", f"{acc[t]['balanced_accuracy']:.3f}", acc[t]["n"],
+                     "; ".join(by), tgt if tgt else "—", met])
+    L += _table(["question type", "accuracy", "balanced accuracy", "items", "by source (demo / synthetic)", "target",
+                 ""], rows)
+    L += ["", "Balanced accuracy is the mean recall over the answers (a model that always gives one answer scores "
+          "1 / the number of answers); a target counts as met when both reach it. Recall per answer: "
+          + "; ".join(f"{t}: " + ", ".join(f"{a} {v['recall']:.2f} (n={v['n']})" for a, v in acc[t]["per_answer"].items())
+                      for t in ("lesion_present", "lesion_quadrant") if t in acc) + "."]
     L += ["", "By modality:", ""]
     mods = sorted({k.split("|")[1] for k in res["accuracy_by_modality"]})
     L += _table(["question type", *mods],
                 [[t, *[(f"{res['accuracy_by_modality'][f'{t}|{m}']['accuracy']:.2f} ({res['accuracy_by_modality'][f'{t}|{m}']['n']})"
                         if f"{t}|{m}" in res["accuracy_by_modality"] else "—") for m in mods]] for t in TYPES])
-    missed = [t for t, tgt in TARGETS.items() if t in acc and acc[t]["accuracy"] < tgt]
+    missed = [t for t, tgt in TARGETS.items()
+              if t in acc and min(acc[t]["accuracy"], acc[t]["balanced_accuracy"]) < tgt]
     L += [""]
     if missed:
         L += [f"**Targets missed: {', '.join(missed)}** — see Limitations.", ""]

@@ -34,7 +34,7 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "prompts.txt", "split.cs
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", required=True, help="a `medqm label` output folder")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="output folder (not needed with --install-from)")
     ap.add_argument("--models", default=",".join(("medqm_i", *ABLATIONS)))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=6)
@@ -47,7 +47,12 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--install-default", action="store_true", help="ship the full model as the package's default checkpoint")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--install-from", default=None, help="install this already trained checkpoint folder (e.g. "
+                    "runs/demo/train-<key>/medqm_i from `medqm demo`) as the default, without training")
     args = ap.parse_args()
+    if args.install_from:
+        install_from(Path(args.install_from), args.labels)
+        return 0
 
     out = Path(args.out)
     models = args.models.split(",")
@@ -96,6 +101,18 @@ def main() -> int:
             return 1
         install(out / "medqm_i", summary)
     return 0
+
+
+def install_from(ckpt: Path, labels: str) -> Path:
+    """Install a checkpoint trained elsewhere (e.g. by `medqm demo`), with its own held-out metrics."""
+    test = json.loads((ckpt / "test_metrics.json").read_text())
+    o = test.get("overall", test)
+    meta = read_labels(labels).attrs.get("medqm", {})
+    summary = {"command": f"medqm demo (checkpoint {ckpt})", "labels": str(Path(labels).resolve()),
+               "label_model_id": meta.get("model_id"),
+               "models": {"medqm_i": {"test_srcc": o["srcc"], "test_plcc": o["plcc"], "test_krcc": o["krcc"],
+                                      "test_rmse": o["rmse"], "test_n": o["n"]}}}
+    return install(ckpt, summary)
 
 
 def install(src: Path, summary: dict) -> Path:
