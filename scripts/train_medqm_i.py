@@ -106,7 +106,7 @@ def main() -> int:
 def install_from(ckpt: Path, labels: str) -> Path:
     """Install a checkpoint trained elsewhere (e.g. by `medqm demo`), with its own held-out metrics."""
     test = json.loads((ckpt / "test_metrics.json").read_text())
-    o = test.get("overall", test)
+    o = test["test"]["overall"]
     meta = read_labels(labels).attrs.get("medqm", {})
     summary = {"command": f"medqm demo (checkpoint {ckpt})", "labels": str(Path(labels).resolve()),
                "label_model_id": meta.get("model_id"),
