@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .tiny import _CHAT_TEMPLATES
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -64,17 +66,9 @@ DEMO_VLM_ARCH: dict[str, Any] = {
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
-# The llava-hf/llava-1.5 chat template (as `medqm.label.tiny` uses): images first, then the text; the assistant's
+# The llava-hf/llava-1.5 chat template, as `medqm.label.tiny` builds it: images first, then the text; the assistant's
 # answer is followed by a space and the model ends it with EOS (</s>), which `HFDiagnosticModel` scores.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+CHAT_TEMPLATE = _CHAT_TEMPLATES["llava"]
 
 
 # ---------------------------------------------------------------------------------------------------------
