@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .tiny import _CHAT_TEMPLATES
+from .tiny import _CHAT_TEMPLATES, save_quietly
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -191,20 +191,10 @@ def save_demo_vlm(model, processor, out_dir: str | Path, *, dtype: str = "float1
     import copy
 
     import torch
-    from transformers.utils import logging as hf_logging
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(model).to(getattr(torch, dtype)).eval()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        half.save_pretrained(out)
-        processor.save_pretrained(out)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return out
+    return save_quietly(half, processor, out)
 
 
 def folder_size(path: str | Path) -> int:

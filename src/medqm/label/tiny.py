@@ -299,10 +299,16 @@ def build_tiny_vlm(
         model, processor = _BUILDERS[family](tok, vocab_size, hidden_size, num_layers)
     finally:
         torch.random.set_rng_state(state)
+    return save_quietly(model, processor, out)
+
+
+def save_quietly(model, processor, out: Path) -> Path:
+    """``save_pretrained`` model and processor into ``out`` without HF's progress bars (for a 1-shard, MB-sized
+    model the "Writing model shards" bars are noise)."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars for a 1-shard, MB-sized model are noise
+    hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(out)
         processor.save_pretrained(out)
