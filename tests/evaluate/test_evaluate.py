@@ -42,6 +42,8 @@ def test_report_files_exist_and_the_console_shows_the_headline(report):
     md = (out / "report.md").read_text()
     assert "| method | kind | SRCC [95% CI] | PLCC [95% CI] | KRCC | RMSE | images | cases |" in md
     assert "## Alignment study" in md
+    assert "## How learnable are these labels?" in md and "distortion oracle (label ceiling)" in md
+    assert "Label ceiling" in output and "distortion oracle" in output
 
 
 def test_metrics_json_structure(report):
@@ -74,6 +76,16 @@ def test_metrics_json_structure(report):
     assert al["metrics"] == ["niqe", "brisque", "piqe"] and len(al["text"]) >= 4
     assert set(al["severity"]) == {"gaussian_noise", "gaussian_blur"}
     assert al["severity"]["gaussian_noise"]["label"] == pytest.approx(-1.0, abs=0.2)  # labels fall with level
+    rel = m["label_reliability"]
+    # fixture labels fall strictly with the level in every series; the oracle is the non-test mean per type/level
+    assert rel["monotonicity"]["mean_rho"] == pytest.approx(1.0) and rel["monotonicity"]["n_series"] == 10 * 2
+    table = pd.read_parquet(Path(m["labels"]["path"]) / "labels.parquet")
+    pool = table[table.case_id.map(SPLIT) != "test"].groupby(["type", "level"]).quality.mean()
+    test = table[table.case_id.map(SPLIT) == "test"]
+    expect = test.join(pool.rename("p"), on=["type", "level"]).p
+    from scipy.stats import spearmanr
+    assert rel["distortion_oracle"]["srcc"] == pytest.approx(spearmanr(expect, test.quality)[0], abs=1e-9)
+    assert rel["distortion_oracle"]["n_images"] == 28
     curve = m["severity_curves"]["gaussian_blur"]
     assert curve["levels"] == [0, 1, 2, 3] and len(curve["label"]) == 4
 

@@ -62,7 +62,16 @@ def headline_rows(metrics: dict) -> list[list[str]]:
         o = m["overall"]
         rows.append([display(n), m["kind"], _ci(o.get("srcc"), o.get("srcc_ci")), _ci(o.get("plcc"), o.get("plcc_ci")),
                      _f(o.get("krcc")), _f(o.get("rmse"), 4), str(o.get("n_images", 0)), str(o.get("n_cases", 0))])
+    o = metrics.get("label_reliability", {}).get("distortion_oracle")
+    if o and o.get("n_images"):
+        rows.append(["distortion oracle (label ceiling)", "oracle", _ci(o.get("srcc"), o.get("srcc_ci")),
+                     _f(o.get("plcc")), _f(o.get("krcc")), _f(o.get("rmse"), 4), str(o["n_images"]),
+                     str(o.get("n_cases", 0))])
     return rows
+
+
+def reliability_text(metrics: dict) -> list[str]:
+    return list(metrics.get("label_reliability", {}).get("text", []))
 
 
 HEADLINE_HEADER = ["method", "kind", "SRCC [95% CI]", "PLCC [95% CI]", "KRCC", "RMSE", "images", "cases"]
@@ -315,6 +324,8 @@ def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
     lines = [f"# MedQM evaluation: {main} vs classical and deep BIQA", ""]
     lines += [f"- {p}" for p in _provenance(metrics)]
     lines += ["", "## Headline", "", _md_table(HEADLINE_HEADER, headline_rows(metrics)), ""]
+    if reliability_text(metrics):
+        lines += ["## How learnable are these labels?", ""] + [f"- {t}" for t in reliability_text(metrics)] + [""]
     lines += ["## Significance", "", _significance_text(metrics), "",
               _md_table(SIG_HEADER, significance_rows(metrics)), ""]
     lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
@@ -357,8 +368,11 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
          f"<style>{CSS}</style></head><body>", f"<h1>MedQM evaluation: {html.escape(main)} vs classical and deep BIQA</h1>",
          "<ul class='note'>" + "".join(f"<li>{para(p.replace('`', ''))}</li>" for p in _provenance(metrics)) + "</ul>",
          "<h2>Headline</h2>", _html_table(HEADLINE_HEADER, headline_rows(metrics)),
-         img("srcc", "SRCC with confidence intervals"),
-         "<h2>Significance</h2>", f"<p>{para(_significance_text(metrics))}</p>",
+         img("srcc", "SRCC with confidence intervals")]
+    if reliability_text(metrics):
+        s += ["<h2>How learnable are these labels?</h2>",
+              "<ul class='text'>" + "".join(f"<li>{para(t)}</li>" for t in reliability_text(metrics)) + "</ul>"]
+    s += ["<h2>Significance</h2>", f"<p>{para(_significance_text(metrics))}</p>",
          _html_table(SIG_HEADER, significance_rows(metrics)),
          "<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>",
          "<p class='note'>Human-perception BIQA metrics (NIQE, BRISQUE, PIQE; sign-flipped so that higher = better) "

@@ -456,6 +456,16 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] | None = print,
            "tests": {m.name: compare_srcc(by_name[cfg.name].aligned, m.aligned, y, boot, level=cfg.level)
                      for m in others}}
     alignment = _alignment(by_name, per, rows, cfg.name, sig, cfg)
+    from medqm.train import load_split
+
+    from .reliability import describe_reliability, label_reliability
+
+    reliability = label_reliability(table, load_split(split_file), rows, n_boot=cfg.n_boot, seed=cfg.seed,
+                                    level=cfg.level)
+    reliability.pop("pred")
+    reliability["text"] = describe_reliability(reliability, cfg.name, per[cfg.name]["overall"].get("srcc"))
+    for line in reliability["text"][:2]:
+        say(line)
     curves = _severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
     timing["metrics"] = time.perf_counter() - t
     say(f"metrics and {cfg.n_boot} case-bootstrap replicates in {timing['metrics']:.1f} s")
@@ -477,6 +487,7 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] | None = print,
                              "sign": -1 if m.lower_better else 1, "source": m.source, **per[m.name]} for m in methods},
         "significance": sig,
         "alignment": alignment,
+        "label_reliability": reliability,
         "severity_curves": curves,
         "timing": timing,
     }

@@ -1,0 +1,128 @@
+"""How learnable is a label set? Two checks that need only the labels and the split.
+
+A blind model can only be as good as its labels are a function of what the image shows. When a diagnostic
+model's answers flip at random under mild distortions, the labels carry noise no image model can predict, and
+a test SRCC far below 1 says more about the labeller than about the quality model. Before reading (or chasing)
+a headline number, measure the ceiling:
+
+- **distortion oracle**: predict each test image's quality by the mean label of its (distortion type, level)
+  over the *non-test* (training and validation) cases. It knows exactly how each image was degraded, something a blind model must
+  infer, and nothing about the image's content; its SRCC is what recognising the degradation perfectly buys.
+  A blind model can exceed it only by predicting how each particular image's answers respond, which a few
+  dozen training cases rarely teach.
+- **severity monotonicity**: within each series (one reference image, one distortion type, its levels),
+  Spearman's correlation between the level and the label's loss (−quality). Near 1 when the labeller's loss
+  grows with severity, near 0 when it reacts erratically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .metrics import CaseBootstrap, agreement, bootstrap_agreement, srcc
+
+ORACLE_KEY = ("type", "level")
+
+
+def _keys(table) -> list[tuple[str, int]]:
+    types = table["type"].fillna("reference").astype(str).to_numpy()
+    levels = table["level"].fillna(0).astype(int).to_numpy()
+    return list(zip(types, levels))
+
+
+def distortion_oracle(table, split, rows):
+    """Per row of ``rows`` (test images), the mean quality of its (type, level) on the split's other cases.
+
+    ``table`` is a label table (all cases), ``split`` a (case_id, split) table, ``rows`` the test rows. NaN
+    where no non-test image has the same type and level.
+    """
+    need = [c for c in ("case_id", "type", "level", "quality") if c not in table]
+    if need:
+        raise ValueError(f"the label table lacks columns {need} (expected a `medqm label` output)")
+    test_cases = set(split.loc[split["split"] == "test", "case_id"].astype(str))
+    known = set(split["case_id"].astype(str))
+    pool = table[table["case_id"].astype(str).isin(known - test_cases) & table["quality"].notna()]
+    if set(pool["case_id"].astype(str)) & set(rows["case_id"].astype(str)):
+        raise AssertionError("the oracle's pool shares cases with the rows it predicts")
+    means: dict[tuple[str, int], list[float]] = {}
+    for k, q in zip(_keys(pool), pool["quality"].to_numpy(dtype=np.float64)):
+        means.setdefault(k, []).append(q)
+    table_mean = {k: float(np.mean(v)) for k, v in means.items()}
+    return np.array([table_mean.get(k, np.nan) for k in _keys(rows)], dtype=np.float64)
+
+
+def severity_monotonicity(table, *, min_levels: int = 3) -> dict[str, Any]:
+    """Spearman(level, −quality) within each (ref_id, type) series of distorted images.
+
+    Series with fewer than ``min_levels`` levels, or whose labels are all equal, are skipped (counted).
+    """
+    need = [c for c in ("ref_id", "type", "level", "quality") if c not in table]
+    if need:
+        raise ValueError(f"the label table lacks columns {need} (expected a `medqm label` output)")
+    t = table[table["quality"].notna() & table["level"].fillna(0).astype(int).gt(0)]
+    rhos, flat = [], 0
+    for _, g in t.groupby(["ref_id", "type"], sort=True):
+        lv = g["level"].to_numpy(dtype=np.float64)
+        q = g["quality"].to_numpy(dtype=np.float64)
+        if len(np.unique(lv)) < min_levels:
+            continue
+        if np.ptp(q) == 0:
+            flat += 1
+            continue
+        rhos.append(srcc(lv, -q))
+    r = np.asarray(rhos, dtype=np.float64)
+    return {"mean_rho": float(r.mean()) if r.size else float("nan"),
+            "median_rho": float(np.median(r)) if r.size else float("nan"),
+            "frac_rho_ge_0.8": float((r >= 0.8).mean()) if r.size else float("nan"),
+            "n_series": int(r.size), "n_flat": int(flat), "min_levels": min_levels}
+
+
+def label_reliability(table, split, rows, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """The distortion oracle's agreement with the test labels (case-bootstrap CIs) and severity monotonicity."""
+    pred = distortion_oracle(table, split, rows)
+    y = rows["quality"].to_numpy(dtype=np.float64)
+    cases = rows["case_id"].astype(str).to_numpy()
+    ok = np.isfinite(pred)
+    oracle: dict[str, Any] = {"n_images": int(ok.sum()), "n_uncovered": int((~ok).sum()),
+                              "n_cases": int(len(set(cases[ok]))), "key": list(ORACLE_KEY)}
+    if ok.sum() >= 2:
+        a = agreement(pred[ok], y[ok])
+        a.pop("fit", None)
+        oracle.update({k: a[k] for k in ("srcc", "plcc", "krcc", "rmse") if k in a})
+        ci = bootstrap_agreement(pred[ok], y[ok], CaseBootstrap(cases[ok], n_boot, seed), level=level,
+                                 metrics=("srcc",))
+        oracle["srcc_ci"] = ci["srcc"]
+    else:
+        oracle.update(srcc=float("nan"), srcc_ci=None)
+    return {"distortion_oracle": oracle, "monotonicity": severity_monotonicity(table),
+            "pred": pred}
+
+
+def describe_reliability(rel: dict[str, Any], main: str | None = None, main_srcc: float | None = None) -> list[str]:
+    """Plain-language sentences for the report."""
+    o, m = rel["distortion_oracle"], rel["monotonicity"]
+    out = []
+    s = o.get("srcc", float("nan"))
+    if np.isfinite(s):
+        ci = o.get("srcc_ci")
+        cis = f" (95 % CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
+        out.append(
+            f"Label ceiling: an oracle that knows each test image's distortion type and level, and predicts the "
+            f"mean label of that type and level on the training and validation cases, reaches SRCC {s:.3f}{cis} on "
+            f"{o['n_images']} test images" + (f" ({o['n_uncovered']} with no training counterpart left out)"
+                                                if o["n_uncovered"] else "") + ".")
+        if main is not None and main_srcc is not None and np.isfinite(main_srcc):
+            out.append(f"{main} reaches {main_srcc:.3f}, {main_srcc / s:.0%} of it." if s > 0 else
+                       f"{main} reaches {main_srcc:.3f}.")
+    if np.isfinite(m["mean_rho"]):
+        out.append(
+            f"Severity monotonicity: within a series (one reference, one distortion type, its levels) the label's "
+            f"loss follows the level with mean Spearman ρ = {m['mean_rho']:.2f}; {m['frac_rho_ge_0.8']:.0%} of "
+            f"{m['n_series']} series have ρ ≥ 0.8" + (f" ({m['n_flat']} series with constant labels left out)"
+                                                       if m["n_flat"] else "") + ".")
+        if m["mean_rho"] < 0.6:
+            out.append("The labeller reacts erratically to severity: expect a low ceiling for any blind model on "
+                       "these labels, whatever its design.")
+    return out
