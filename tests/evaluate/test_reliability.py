@@ -96,3 +96,18 @@ def test_the_oracle_never_predicts_a_case_from_itself():
 def test_missing_columns_are_named():
     with pytest.raises(ValueError, match="level"):
         severity_monotonicity(pd.DataFrame({"ref_id": [], "type": [], "quality": []}))
+
+
+def test_per_question_monotonicity_separates_a_steady_question_from_an_erratic_one():
+    rng = np.random.default_rng(5)
+    rows = []
+    for r in range(30):
+        for lv in (1, 2, 3, 4, 5):
+            steady, erratic = 0.3 * lv, rng.normal()
+            rows.append({"case_id": "c", "ref_id": f"r{r}", "type": "jpeg", "level": lv, "quality": 0.5,
+                         "answer_types": json.dumps(["modality", "lesion_present"]),
+                         "nll_ref_items": json.dumps([0.1, 0.2]),
+                         "nll_dist_items": json.dumps([0.1 + steady, 0.2 + erratic])})
+    per = severity_monotonicity(pd.DataFrame(rows))["by_answer_type"]
+    assert per["modality"] == {"mean_rho": pytest.approx(1.0), "n_series": 30}
+    assert abs(per["lesion_present"]["mean_rho"]) < 0.25 and per["lesion_present"]["n_series"] == 30

@@ -17,6 +17,7 @@ a headline number, measure the ceiling:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -73,10 +74,41 @@ def severity_monotonicity(table, *, min_levels: int = 3) -> dict[str, Any]:
             continue
         rhos.append(srcc(lv, -q))
     r = np.asarray(rhos, dtype=np.float64)
-    return {"mean_rho": float(r.mean()) if r.size else float("nan"),
-            "median_rho": float(np.median(r)) if r.size else float("nan"),
-            "frac_rho_ge_0.8": float((r >= 0.8).mean()) if r.size else float("nan"),
-            "n_series": int(r.size), "n_flat": int(flat), "min_levels": min_levels}
+    out = {"mean_rho": float(r.mean()) if r.size else float("nan"),
+           "median_rho": float(np.median(r)) if r.size else float("nan"),
+           "frac_rho_ge_0.8": float((r >= 0.8).mean()) if r.size else float("nan"),
+           "n_series": int(r.size), "n_flat": int(flat), "min_levels": min_levels}
+    if {"answer_types", "nll_ref_items", "nll_dist_items"} <= set(t.columns):
+        out["by_answer_type"] = _per_question(t, min_levels)
+    return out
+
+
+def _items(v) -> list:
+    if isinstance(v, str):
+        return json.loads(v)
+    return [] if v is None else list(v)
+
+
+def _per_question(t, min_levels: int) -> dict[str, dict[str, float]]:
+    """Mean Spearman(level, NLL_dist − NLL_ref) per answer type, one series per (ref_id, type, question)."""
+    series: dict[tuple, list[tuple[float, float]]] = {}
+    answer: dict[tuple, str] = {}
+    for ref, typ, lv, at, a, b in zip(t["ref_id"], t["type"], t["level"], t["answer_types"],
+                                      t["nll_ref_items"], t["nll_dist_items"]):
+        at, a, b = _items(at), _items(a), _items(b)
+        if not (len(at) == len(a) == len(b)):
+            continue
+        for i, (kind, x, y) in enumerate(zip(at, a, b)):
+            key = (ref, typ, i)
+            series.setdefault(key, []).append((float(lv), float(y) - float(x)))
+            answer[key] = str(kind)
+    by: dict[str, list[float]] = {}
+    for key, pts in series.items():
+        lv, d = np.array(pts).T
+        if len(np.unique(lv)) < min_levels or np.ptp(d) == 0:
+            continue
+        by.setdefault(answer[key], []).append(srcc(lv, d))
+    return {k: {"mean_rho": float(np.mean(v)), "n_series": len(v)} for k, v in sorted(by.items())}
 
 
 def label_reliability(table, split, rows, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
@@ -122,6 +154,11 @@ def describe_reliability(rel: dict[str, Any], main: str | None = None, main_srcc
             f"loss follows the level with mean Spearman ρ = {m['mean_rho']:.2f}; {m['frac_rho_ge_0.8']:.0%} of "
             f"{m['n_series']} series have ρ ≥ 0.8" + (f" ({m['n_flat']} series with constant labels left out)"
                                                        if m["n_flat"] else "") + ".")
+        per = m.get("by_answer_type") or {}
+        if per:
+            out.append("Per question type, the answer's loss follows the level with mean ρ: "
+                       + ", ".join(f"{k} {v['mean_rho']:.2f}" for k, v in
+                                   sorted(per.items(), key=lambda kv: -kv[1]["mean_rho"])) + ".")
         if m["mean_rho"] < 0.6:
             out.append("The labeller reacts erratically to severity: expect a low ceiling for any blind model on "
                        "these labels, whatever its design.")
