@@ -83,6 +83,9 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
     metrics = json.loads((stages["evaluate"] / "metrics.json").read_text())
     assert set(metrics["methods"]) == {*MODEL_NAMES.values(), "niqe", "brisque", "piqe"}
     assert set(metrics["test_set"]["cases"]) == set(split.loc[split["split"] == "test", "case_id"])
+    oracle = metrics["label_reliability"]["distortion_oracle"]
+    assert oracle["n_images"] + oracle["n_uncovered"] == metrics["test_set"]["n_images"]
+    assert "Label ceiling" in output
 
 
 def test_a_second_run_reuses_every_stage(first_run, tiny_vlm):

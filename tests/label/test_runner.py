@@ -70,6 +70,15 @@ def test_rows_and_arithmetic(setup, tmp_path):
     # severity ordering survives aggregation: mean loss per level increases for blur
     blur = lab[lab.type == "gaussian_blur"].groupby("level").diag_loss.mean()
     assert blur.is_monotonic_increasing
+    # reliability.json: Spearman(level, loss) per (reference, type) series, recomputed here with scipy
+    from scipy.stats import spearmanr
+
+    rel = json.loads((tmp_path / "labels" / "reliability.json").read_text())["severity_monotonicity"]
+    rhos = [spearmanr(g.level, -g.quality)[0] for _, g in lab[lab.level > 0].groupby(["ref_id", "type"])
+            if g.quality.nunique() > 1]
+    assert rel["n_series"] == len(rhos) > 0 and rel["mean_rho"] == pytest.approx(np.mean(rhos))
+    assert summary.monotonicity == rel
+    assert set(rel["by_answer_type"]) <= {"modality", "lesion_present"}
 
 
 def test_every_image_scored_once(setup, tmp_path):

@@ -248,6 +248,12 @@ def label(
         raise typer.Exit(code=2)
     console.print(f"{summary.rows} labels in {out / 'labels.parquet'} ({summary.shards} shards, "
                   f"{summary.shards_done_before} already done, {len(summary.errors)} errors)")
+    m = summary.monotonicity or {}
+    if m.get("n_series"):
+        per = ", ".join(f"{k} {v['mean_rho']:.2f}" for k, v in (m.get("by_answer_type") or {}).items())
+        console.print(f"severity monotonicity (does the loss grow with the level?): mean ρ {m['mean_rho']:.2f} over "
+                      f"{m['n_series']} series" + (f"; per question type {per}" if per else "")
+                      + f" ({out / 'reliability.json'})", highlight=False)
     if summary.errors:
         console.print(f"errors listed in {out / 'errors.csv'}")
         raise typer.Exit(code=1)
@@ -507,7 +513,7 @@ def evaluate(
     for row in headline_rows(result.metrics):
         table.add_row(*row)
     console.print(table)
-    for line in result.metrics["alignment"]["text"]:
+    for line in result.metrics["alignment"]["text"] + result.metrics.get("label_reliability", {}).get("text", []):
         console.print(f"• {line}", highlight=False)
     console.print(f"report: {result.files['report.html']} · {result.files['report.md']} · {result.files['metrics.json']}",
                   highlight=False)
@@ -564,6 +570,8 @@ def demo(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for line in result.metrics.get("label_reliability", {}).get("text", [])[:2]:
+        console.print(f"• {line}", highlight=False)
     console.print(f"report: {result.report_html} (stage folder {result.stages['evaluate'].dir})", highlight=False)
 
 

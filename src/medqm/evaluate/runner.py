@@ -464,8 +464,6 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] | None = print,
                                     level=cfg.level)
     reliability.pop("pred")
     reliability["text"] = describe_reliability(reliability, cfg.name, per[cfg.name]["overall"].get("srcc"))
-    for line in reliability["text"][:2]:
-        say(line)
     curves = _severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
     timing["metrics"] = time.perf_counter() - t
     say(f"metrics and {cfg.n_boot} case-bootstrap replicates in {timing['metrics']:.1f} s")

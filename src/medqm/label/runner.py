@@ -174,6 +174,7 @@ class LabelSummary:
     shards_done_before: int
     rows: int
     errors: list[dict]
+    monotonicity: dict | None = None  # medqm.label.reliability.severity_monotonicity of the labels
 
 
 def _config(items, refs, model, quality_map, shard_size, include_references) -> dict:
@@ -262,7 +263,13 @@ def run_labels(
     for p in sorted((out / "shards").glob("errors-*.json")):
         errors.extend(json.loads(p.read_text()))
     _write_errors(out, errors)
-    return LabelSummary(out, len(shards), len(done_before), table.num_rows, errors)
+    mono = None
+    if table.num_rows:
+        from .reliability import severity_monotonicity
+
+        mono = severity_monotonicity(table.to_pandas())
+        _atomic_json({"severity_monotonicity": mono}, out / "reliability.json")
+    return LabelSummary(out, len(shards), len(done_before), table.num_rows, errors, mono)
 
 
 def _atomic_json(obj, path: Path) -> None:
