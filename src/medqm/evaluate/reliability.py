@@ -82,7 +82,11 @@ def describe_reliability(rel: dict[str, Any], main: str | None = None, main_srcc
     """Plain-language sentences for the report."""
     o, m = rel["distortion_oracle"], rel["monotonicity"]
     out = []
-    s = o.get("srcc", float("nan"))
+    s = o.get("srcc")
+    s = float("nan") if s is None else s
+    if not np.isfinite(s) and o.get("n_images"):
+        out.append("Label ceiling: undefined on these test images (their labels, or the mean labels of their "
+                   "distortion types and levels, are constant).")
     if np.isfinite(s):
         ci = o.get("srcc_ci")
         cis = f" (95 % CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
@@ -94,7 +98,7 @@ def describe_reliability(rel: dict[str, Any], main: str | None = None, main_srcc
         if main is not None and main_srcc is not None and np.isfinite(main_srcc):
             out.append(f"{main} reaches {main_srcc:.3f}, {main_srcc / s:.0%} of it." if s > 0 else
                        f"{main} reaches {main_srcc:.3f}.")
-    if np.isfinite(m["mean_rho"]):
+    if m["mean_rho"] is not None and np.isfinite(m["mean_rho"]):
         out.append(
             f"Severity monotonicity: within a series (one reference, one distortion type, its levels) the label's "
             f"loss follows the level with mean Spearman ρ = {m['mean_rho']:.2f}; {m['frac_rho_ge_0.8']:.0%} of "
