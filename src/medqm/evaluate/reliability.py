@@ -91,8 +91,9 @@ def describe_reliability(rel: dict[str, Any], main: str | None = None, main_srcc
         ci = o.get("srcc_ci")
         cis = f" (95 % CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
         out.append(
-            f"Label ceiling: an oracle that knows each test image's distortion type and level, and predicts the "
-            f"mean label of that type and level on the training and validation cases, reaches SRCC {s:.3f}{cis} on "
+            f"Label ceiling (for a model that only recognises the degradation): an oracle that knows each test "
+            f"image's distortion type and level, and predicts the mean label of that type and level on the "
+            f"training and validation cases, reaches SRCC {s:.3f}{cis} on "
             f"{o['n_images']} test images" + (f" ({o['n_uncovered']} with no training counterpart left out)"
                                                 if o["n_uncovered"] else "") + ".")
         if main is not None and main_srcc is not None and np.isfinite(main_srcc):
