@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 
-def srcc(a, b) -> float:
+def _srcc(a, b) -> float:
     return float(spearmanr(a, b)[0])
 
 
@@ -37,7 +37,7 @@ def severity_monotonicity(table, *, min_levels: int = 3) -> dict[str, Any]:
         if np.ptp(q) == 0:
             flat += 1
             continue
-        rhos.append(srcc(lv, -q))
+        rhos.append(_srcc(lv, -q))
     r = np.asarray(rhos, dtype=np.float64)
     out = {"mean_rho": float(r.mean()) if r.size else float("nan"),
            "median_rho": float(np.median(r)) if r.size else float("nan"),
@@ -72,5 +72,5 @@ def _per_question(t, min_levels: int) -> dict[str, dict[str, float]]:
         lv, d = np.array(pts).T
         if len(np.unique(lv)) < min_levels or np.ptp(d) == 0:
             continue
-        by.setdefault(answer[key], []).append(srcc(lv, d))
+        by.setdefault(answer[key], []).append(_srcc(lv, d))
     return {k: {"mean_rho": float(np.mean(v)), "n_series": len(v)} for k, v in sorted(by.items())}
