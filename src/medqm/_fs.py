@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,3 +41,12 @@ def write_records_csv(path: str | Path, rows: Sequence[dict], fieldnames: Sequen
         w = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

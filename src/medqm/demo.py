@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from medqm import __version__
-from medqm._fs import atomic_path
+from medqm._fs import atomic_path, file_sha256
 
 STAGES = ("select", "distort", "label", "train", "evaluate")
 STAMP = "stage.json"
@@ -186,14 +186,6 @@ def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     """16 hex digits of the SHA-256 of a stage's name, the medqm version and its inputs (as sorted JSON)."""
     blob = json.dumps({"stage": stage, "medqm_version": __version__, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_sha256(path: str | os.PathLike) -> str:

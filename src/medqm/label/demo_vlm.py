@@ -26,13 +26,14 @@ Images are resized to 256 × 256 without cropping, so a lesion's image quadrant 
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from medqm._fs import file_sha256  # noqa: F401  (re-exported: eval_subset.json image hashes)
 
 from .tiny import _CHAT_TEMPLATES, save_quietly
 
@@ -344,5 +345,3 @@ def reaction_images(manifest: pd.DataFrame, *, per_modality: int, split: dict[st
     return chosen
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

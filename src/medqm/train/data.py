@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medqm._fs import atomic_path
+from medqm._fs import file_sha256 as file_digest
 from medqm.io import MedQMReadError, read_image
 
 PREPROCESS_VERSION = 1  # bump when `medqm.model.preprocess` changes what the backbone sees
@@ -62,14 +63,6 @@ def load_training_image(path: str, img_size: int) -> np.ndarray:
     from medqm.model.scoring import preprocess
 
     return preprocess(read_image(path), img_size)[0]
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureCache:
