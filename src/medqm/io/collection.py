@@ -44,6 +44,24 @@ def load_manifest(root: str | Path):
     return df
 
 
+def load_manifests(roots) -> "pd.DataFrame":  # noqa: F821
+    """Several collections as one table (a ``collection`` column says which); image ids must not repeat."""
+    import pandas as pd
+
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    frames = []
+    for root in roots:
+        df = load_manifest(root)
+        df["collection"] = str(root)
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    dup = df["id"].duplicated()
+    if dup.any():
+        raise MedQMReadError(Path(df.loc[dup, "collection"].iloc[0]) / MANIFEST,
+                             f"image id {df.loc[dup, 'id'].iloc[0]!r} is also in another collection given")
+    return df
+
+
 @dataclass
 class CollectionSummary:
     root: Path
@@ -54,22 +72,26 @@ class CollectionSummary:
     missing_files: list[str]
 
 
-def summarize(root: str | Path) -> CollectionSummary:
-    df = load_manifest(root)
+def summarize(root) -> CollectionSummary:
+    """Counts of one collection, or of several at once (a list of folders)."""
+    df = load_manifests(root)
     by_mod = {}
     for mod, g in df.groupby("modality", sort=True):
         lesion = g["lesion"].astype(str).eq("1").sum() if "lesion" in g else 0
         by_mod[str(mod)] = {"images": len(g), "cases": g["case_id"].nunique(), "lesion": int(lesion)}
     by_part = {(str(m), str(b) or "-"): len(g) for (m, b), g in df.groupby(["modality", "body_part"], sort=True)}
     missing = [p for p in df["abs_path"] if not Path(p).is_file()]
-    return CollectionSummary(Path(root), len(df), df["case_id"].nunique(), by_mod, by_part, missing)
+    return CollectionSummary(Path(root) if isinstance(root, (str, Path)) else Path(str(root[0])), len(df), df["case_id"].nunique(), by_mod, by_part, missing)
 
 
-def contact_sheet(root: str | Path, out: str | Path, *, per_modality: int = 8, thumb: int = 128) -> Path:
-    """Draw ``per_modality`` images of each modality (spread over its cases) into one labelled PNG."""
+def contact_sheet(root, out: str | Path, *, per_modality: int = 8, thumb: int = 128) -> Path:
+    """Draw ``per_modality`` images of each modality (spread over its cases) into one labelled PNG.
+
+    ``root`` is a collection folder or a list of them (drawn together).
+    """
     from PIL import Image, ImageDraw
 
-    df = load_manifest(root)
+    df = load_manifests(root)
     label_w = 90
     mods = sorted(df["modality"].unique())
     sheet = Image.new("RGB", (label_w + per_modality * thumb, len(mods) * thumb), (20, 20, 20))
@@ -96,7 +118,7 @@ def contact_sheet(root: str | Path, out: str | Path, *, per_modality: int = 8, t
     return out
 
 
-__all__ = ["MANIFEST", "load_manifest", "summarize", "contact_sheet", "default_collection", "CollectionSummary",
+__all__ = ["MANIFEST", "load_manifest", "load_manifests", "summarize", "contact_sheet", "default_collection", "CollectionSummary",
            "read_collection_image"]
 
 
