@@ -53,6 +53,25 @@ def first_run(tiny_vlm, tmp_path_factory):
     return out, output, seconds
 
 
+def test_latest_links_point_at_the_finished_run(first_run, tmp_path):
+    """The README's examples use runs/demo/latest/…: the links exist and the commands accept them."""
+    out, _, _ = first_run
+    latest = out / "latest"
+    for name in ("references", "distorted", "labels", "models", "medqm-i", "evaluation"):
+        assert (latest / name).is_symlink() and (latest / name).is_dir(), name
+    assert (latest / "references" / "manifest.csv").is_file()
+    assert (latest / "medqm-i" / "config.json").is_file()
+    assert (latest / "evaluation" / "metrics.json").is_file()
+    demo = json.loads((out / "demo.json").read_text())
+    assert (latest / "labels").resolve() == Path(demo["stages"]["label"]["dir"]).resolve()
+    ref = pd.read_csv(latest / "references" / "manifest.csv", dtype=str, keep_default_na=False)
+    image = Path(ref["abs_path"].iloc[0]) if "abs_path" in ref else Path(ref["path"].iloc[0])
+    scores = tmp_path / "scores.csv"
+    r = CliRunner().invoke(app, ["score", str(image), "--model", str(latest / "medqm-i"), "--out", str(scores)])
+    assert r.exit_code == 0, r.output
+    assert len(pd.read_csv(scores)) == 1
+
+
 def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
     out, output, _ = first_run
     assert _status(output) == dict.fromkeys(STAGES, "ran")

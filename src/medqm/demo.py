@@ -584,6 +584,8 @@ def run_demo(cfg: DemoConfig, *, log: Log | None = print, progress: Progress | N
     report_html = out / "report.html"  # a stable place for the latest report (it embeds its figures)
     with atomic_path(report_html) as tmp:
         shutil.copyfile(ev.dir / "report.html", tmp)
+    link_latest(out, {"references": sel.dir, "distorted": dist.dir, "labels": lab.dir, "models": trained.dir,
+                      "medqm-i": trained.dir / MAIN_MODEL, "evaluation": ev.dir})
     seconds = time.perf_counter() - t0
     result = DemoResult(out, cfg, stages, metrics, report_html, seconds)
     _write_json({"config": asdict(cfg), "medqm_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -593,6 +595,26 @@ def run_demo(cfg: DemoConfig, *, log: Log | None = print, progress: Progress | N
                             for n, r in stages.items()},
                  "report": str(report_html), "report_dir": str(ev.dir)}, out / "demo.json")
     return result
+
+
+LATEST = "latest"
+
+
+def link_latest(out: Path, targets: dict[str, Path]) -> Path:
+    """Point ``out/latest/<name>`` at the stage folders of the run that just finished (relative symlinks).
+
+    Stage folders are named by their cache keys; these stable names are what the README's examples use
+    (``runs/demo/latest/labels``, ``runs/demo/latest/medqm-i``, …). Each link is replaced atomically.
+    """
+    latest = Path(out) / LATEST
+    latest.mkdir(parents=True, exist_ok=True)
+    for name, target in targets.items():
+        link = latest / name
+        tmp = latest / f".{name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(target, latest), tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    return latest
 
 
 def headline(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -612,6 +634,7 @@ __all__ = [
     "StageRecord",
     "demo_config",
     "headline",
+    "link_latest",
     "run_demo",
     "select_references",
     "stage_key",

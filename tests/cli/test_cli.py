@@ -88,3 +88,52 @@ def test_label_end_to_end_with_a_tiny_model(tmp_path):
              "--out", str(out))
     assert r2.returncode == 0 and "already done" in r2.stdout
     pd.testing.assert_frame_equal(labels, pd.read_parquet(out / "labels.parquet"))
+
+
+def test_info_names_images_by_relative_path_and_counts_skipped_files(tmp_path):
+    """Same-named files in different folders are told apart; sidecars are counted (and listed with --verbose)."""
+    from typer.testing import CliRunner
+
+    from medqm.cli import app
+
+    root = tmp_path / "study"
+    for sub, value in (("a", 10), ("b/c", 200)):
+        (root / sub).mkdir(parents=True)
+        Image.fromarray(np.full((8, 12), value, np.uint8)).save(root / sub / "x.png")
+    shutil.copy(get_testdata_file("emri_small.dcm"), root / "a" / "mri.dcm")  # 10 frames
+    (root / "README.txt").write_text("about this study\n")
+    (root / "b" / "meta.json").write_text("{}")
+    (root / "b" / "profile.icc").write_bytes(b"\x00\x00\x02\x0cacspAPPL" + b"\x00" * 100)
+    (root / "b" / "junk.dcm").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    single = tmp_path / "other" / "x.png"
+    single.parent.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(single)
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["info", str(root), str(single)])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.output.splitlines() if "x.png" in line]
+    names = sorted(line.split("│")[1].strip() for line in rows)
+    assert names == ["a/x.png", "b/c/x.png", "x.png"]  # folder argument: relative path; file argument: its name
+    assert "a/mri.dcm#0" in r.output and "a/mri.dcm#9" in r.output
+    assert "b/junk.dcm: not a DICOM file (no DICM preamble or valid dataset)" in r.output
+    # 4 image files (a/x.png, b/c/x.png, a/mri.dcm, other/x.png) + 1 unreadable + 3 skipped = 8 files
+    assert "8 files found: 4 read (13 images), 1 unreadable, 3 skipped as not images (--verbose lists them)" in r.output
+    assert "README.txt" not in r.output
+
+    r = runner.invoke(app, ["info", str(root), "--verbose"])
+    assert r.exit_code == 0, r.output
+    for name in ("README.txt", "b/meta.json", "b/profile.icc"):
+        assert f"skipped {name} (not an image format)" in r.output
+    assert "7 files found: 3 read (12 images), 1 unreadable, 3 skipped as not images" in r.output
+
+
+def test_distortions_for_angiography_lists_the_xray_types():
+    from typer.testing import CliRunner
+
+    from medqm.cli import app
+
+    r = CliRunner().invoke(app, ["distortions", "XA"])
+    assert r.exit_code == 0, r.output
+    assert "xray_scatter" in r.output and "grid_lines" in r.output and "gaussian_noise" in r.output
+    assert "ct_ring" not in r.output and "ghosting" not in r.output

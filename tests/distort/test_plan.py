@@ -91,26 +91,56 @@ def test_resume_after_interrupt_equals_uninterrupted(small_collection, tmp_path)
     assert again.written == 0 and again.done_before == again.total
 
 
+def _outputs(out: Path) -> dict:
+    """Everything a finished run leaves that matters: sorted ledger lines, manifest, and every image's bytes."""
+    images = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "images").rglob("*.png"))}
+    return {"ledger": sorted((out / "ledger.jsonl").read_text().splitlines()), "manifest": read_manifest(out),
+            "images": images, "plan": json.loads((out / "plan.json").read_text())}
+
+
 def test_killed_process_resumes(small_collection, tmp_path):
+    """kill -9 at a known point (the run stalls on a test hook after its first ledger lines), then resume.
+
+    Deterministic: the run is killed only once the hook's marker file exists, never by racing a clock.
+    """
+    from medqm.distort.plan import TEST_HOOK_STALL_ENV
+
     plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(json.dumps(dict(PLAN, levels=[1, 2, 3, 4, 5], seeds=8)))  # JSON is valid YAML
+    plan_file.write_text(json.dumps(PLAN))  # JSON is valid YAML
     out = tmp_path / "out"
-    cmd = [MEDQM, "distort", "--collection", str(small_collection), "--plan", str(plan_file), "--out", str(out)]
-    proc = subprocess.Popen(cmd + ["--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        ledger = out / "ledger.jsonl"
-        if ledger.is_file() and ledger.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.parquet").exists(), "the run should have been killed before finishing"
-    r = subprocess.run(cmd + ["--workers", "2"], capture_output=True, text=True, timeout=300)
+    cmd = [MEDQM, "distort", "--collection", str(small_collection), "--plan", str(plan_file), "--workers", "2"]
+    plain_env = {k: v for k, v in os.environ.items() if k != TEST_HOOK_STALL_ENV}
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(plain_env, **{TEST_HOOK_STALL_ENV: str(marker)}))
+    try:
+        failsafe = time.monotonic() + 600  # only so a broken hook cannot hang the suite; not a timing check
+        while not marker.exists():
+            assert proc.poll() is None, f"the run exited (rc {proc.returncode}) without stalling on the test hook"
+            assert time.monotonic() < failsafe, "the run never reached the test hook"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert ledger and len({r["ref_id"] for r in ledger}) == 1  # exactly one finished job was recorded
+    assert not (out / "manifest.parquet").exists(), "the run was killed before finishing"
+
+    r = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300, env=plain_env)
     assert r.returncode == 0, r.stdout + r.stderr
-    m = read_manifest(out)
-    assert len(m) == (3 * 6 + 2 + 2) * 5 * 8 and m.dist_id.is_unique
+    fresh = tmp_path / "fresh"
+    r = subprocess.run(cmd + ["--out", str(fresh)], capture_output=True, text=True, timeout=300, env=plain_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    resumed, uninterrupted = _outputs(out), _outputs(fresh)
+    m = resumed["manifest"]
+    assert len(m) == (3 * 6 + 2 + 2) * 2 * 2 and m.dist_id.is_unique
+    assert len(resumed["ledger"]) == len(m)  # the first job's records are not redone, nothing is missing
+    pd.testing.assert_frame_equal(m, uninterrupted["manifest"])
+    assert resumed["ledger"] == uninterrupted["ledger"]
+    assert resumed["plan"] == uninterrupted["plan"]
+    assert resumed["images"].keys() == uninterrupted["images"].keys() == {f"{p}" for p in m.path}
+    assert resumed["images"] == uninterrupted["images"]
     for p in m.path:
         assert read_image(out / p).shape == (256, 256)
 

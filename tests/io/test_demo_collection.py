@@ -42,3 +42,15 @@ def test_all_files_are_256_and_readable(manifest):
         im = read_image(path)
         assert im.shape == (256, 256)
         assert np.isfinite(im.pixels).all()
+
+
+def test_demo_radiographs_stay_xr_with_xray_distortions(manifest):
+    """The demo manifest's XR images keep modality XR (not split into CR/DX) and get the X-ray types."""
+    from medqm.distort import list_distortions
+    from medqm.io.collection import read_collection_image
+
+    xr = manifest[manifest.modality == "XR"]
+    assert len(xr) == 21
+    img = read_collection_image(xr.iloc[0].to_dict())
+    assert img.modality == "XR"
+    assert {"xray_scatter", "grid_lines"} <= set(list_distortions("XR"))

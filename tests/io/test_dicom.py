@@ -81,7 +81,7 @@ def test_rescale_and_window_ct():
 def test_monochrome1_is_inverted(tmp_path):
     src = get_testdata_file("RG3_UNCR.dcm")  # CR, MONOCHROME1
     im = read_image(src)
-    assert im.meta["source_photometric"] == "MONOCHROME1" and im.modality == "XR"
+    assert im.meta["source_photometric"] == "MONOCHROME1" and im.modality == "CR"  # the DICOM code is kept
     ds = pydicom.dcmread(src)
     ds.PhotometricInterpretation = "MONOCHROME2"
     p = tmp_path / "as_mono2.dcm"
@@ -153,3 +153,85 @@ def test_zero_pixel_spacing_is_unknown_not_zero():
     imager = ds.get("ImagerPixelSpacing")
     expected = (float(imager[0]), float(imager[1])) if imager and float(imager[0]) > 0 else None
     assert im.spacing == expected
+
+
+# --------------------------------------------------------------------------------------------------- content, not suffix
+
+
+def _random_bytes(n=4096, seed=0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("content", [
+    _random_bytes(),
+    b"patient notes, not an image at all\n" * 40,
+    b"\x00" * 512,  # zeros parse as DICOM command-group elements when forced
+])
+def test_non_dicom_named_dcm_is_an_unsupported_format(tmp_path, content):
+    from medqm.io import MedQMUnsupportedFormatError
+
+    p = tmp_path / "x.dcm"
+    p.write_bytes(content)
+    with pytest.raises(MedQMUnsupportedFormatError) as e:
+        read_image(p)
+    assert isinstance(e.value, MedQMReadError) and e.value.path == str(p)
+    assert e.value.reason == "not a DICOM file (no DICM preamble or valid dataset)"
+    # the same bytes under another name: the documented unrecognised-format error, also unsupported-format
+    q = tmp_path / "x.bin"
+    q.write_bytes(content)
+    with pytest.raises(MedQMUnsupportedFormatError, match="unrecognised file format"):
+        read_image(q)
+
+
+def test_dicom_without_preamble_still_reads(tmp_path):
+    from pydicom.filewriter import write_dataset
+
+    src = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    raw = tmp_path / "raw.dcm"  # a bare dataset: no preamble, no DICM, no file meta (ACR-NEMA style)
+    with open(raw, "wb") as f:
+        fp = pydicom.filebase.DicomFileLike(f)
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_dataset(fp, ds)
+    assert raw.read_bytes()[128:132] != b"DICM"
+    im, ref = read_image(raw), read_image(src)
+    assert im.modality == "CT" and im.shape == ref.shape
+    np.testing.assert_array_equal(im.pixels, ref.pixels)
+    for name in ("OT-PAL-8-face.dcm",):  # pydicom's own preamble-less image
+        f = get_testdata_file(name)
+        assert open(f, "rb").read(132)[128:132] != b"DICM"
+        assert read_image(f).shape == (int(pydicom.dcmread(f, force=True).Rows), int(pydicom.dcmread(f, force=True).Columns))
+    # a preamble-less non-image object keeps the non-image reason (422 in the service), not "not a DICOM file"
+    plan = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
+    bare = tmp_path / "plan.dcm"
+    with open(bare, "wb") as f:
+        fp = pydicom.filebase.DicomFileLike(f)
+        fp.is_little_endian, fp.is_implicit_VR = True, plan.file_meta.TransferSyntaxUID.is_implicit_VR
+        write_dataset(fp, plan)
+    with pytest.raises(MedQMReadError, match="no pixel data") as e:
+        read_image(bare)
+    assert type(e.value) is MedQMReadError
+
+
+# --------------------------------------------------------------------------------------------------- projection X-ray codes
+
+
+@pytest.mark.parametrize("code", ["XA", "RF", "DX", "CR", "MG"])
+def test_xray_dicom_modalities_stay_distinct_and_get_xray_distortions(tmp_path, code):
+    from medqm.distort import create_distortion, list_distortions
+    from medqm.io import modality_family
+
+    ds = pydicom.dcmread(get_testdata_file("emri_small.dcm"))  # multi-frame (10 frames), MR in the file
+    ds.Modality = code
+    p = tmp_path / f"{code.lower()}.dcm"
+    ds.save_as(p)
+    images = read_images(p)
+    assert len(images) == 10 and all(im.modality == code for im in images)
+    assert images[0].meta["dicom_modality"] == code
+    types = list_distortions(images[0].modality)
+    assert {"xray_scatter", "grid_lines"} <= set(types)
+    assert not {"ghosting", "spike", "ct_ring", "ct_metal_streaks"} & set(types)
+    scatter = create_distortion("xray_scatter")
+    scatter.check(images[0])  # applicable: no DistortionNotApplicable
+    assert scatter(images[0], level=3, seed=0).pixels.shape == images[0].pixels.shape
+    assert modality_family(code) == ("MG" if code == "MG" else "XR")

@@ -163,3 +163,69 @@ def test_unreadable_distorted_image_is_recorded(setup, tmp_path):
     assert [e["dist_id"] for e in summary.errors] == [victim.stem]
     assert victim.stem not in set(read_labels(tmp_path / "l").dist_id)
     assert (tmp_path / "l" / "errors.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def two_ref_distortions(tmp_path_factory):
+    """A `medqm distort` folder made from two references of the demo collection (4 distortions each).
+
+    The sub-collection's manifest points at the demo images themselves (absolute paths), so the distort
+    manifest's ref_path is the very file that `demo_questions(default_collection())` asks about.
+    """
+    root = tmp_path_factory.mktemp("two_refs")
+    df = load_manifest(default_collection())
+    sub = df[df.modality.isin(["CT", "US"])].sort_values("id").groupby("modality").head(1)
+    sub = sub.assign(path=[str(Path(a).resolve()) for a in sub.abs_path]).drop(columns=["abs_path"])
+    (root / "coll").mkdir()
+    sub.to_csv(root / "coll" / "manifest.csv", index=False)
+    plan = Plan(name="two", types=["gaussian_blur", "jpeg"], levels=[1, 4], seeds=1)
+    run_plan(root / "coll", plan, root / "dist", workers=1)
+    return root / "dist", sorted(sub.id)
+
+
+def _assert_only_those_references(lab, dist_dir, ref_ids):
+    from medqm.distort.plan import read_manifest
+
+    dist = read_manifest(dist_dir)
+    assert len(dist) == 2 * 4 and sorted(dist.ref_id.unique()) == ref_ids
+    expected = set(dist.dist_id) | {f"{r}__reference" for r in ref_ids}
+    assert len(lab) == len(expected) == 10  # not the 402 collection references
+    assert set(lab.dist_id) == expected and sorted(lab.ref_id.unique()) == ref_ids
+
+
+def test_distorted_folder_restricts_the_references(two_ref_distortions, tmp_path):
+    """Regression: `--tasks demo --distorted DIR` with DIR made from 2 references labelled all 402 references.
+
+    Only references with a distorted version in DIR (and those distortions) are labelled and scored.
+    """
+    from medqm.label.tasks import demo_questions
+
+    dist_dir, ref_ids = two_ref_distortions
+    items = demo_questions(default_collection())
+    assert len({it.image_id for it in items}) > 100  # the whole collection has questions
+    model = FakeDiagnosticModel()
+    summary = run_labels(items, model, tmp_path / "l", distorted=dist_dir, chunk=10_000)
+    lab = read_labels(tmp_path / "l")
+    _assert_only_those_references(lab, dist_dir, ref_ids)
+    assert summary.rows == 10 and summary.shards == 1 and lab.attrs["medqm"]["n_references"] == 2
+    n_questions = sum(it.image_id in ref_ids for it in items)
+    assert model.samples == n_questions * (1 + 4)  # each reference's questions on it and its 4 distortions
+    # without a distort folder every image with items is still a reference
+    from medqm.label.runner import gather_references
+
+    assert len(gather_references(items, None)) == len({it.image_id for it in items})
+
+
+@pytest.mark.slow  # ~14 s (a subprocess importing transformers); the test above covers the fix in 1 s
+def test_cli_label_demo_tasks_with_a_small_distorted_folder(two_ref_distortions, tmp_path):
+    """The reported command, `medqm label --tasks demo --distorted DIR`, with a tiny LLaVA built locally."""
+    from medqm.label.tiny import build_tiny_vlm
+
+    dist_dir, ref_ids = two_ref_distortions
+    model = build_tiny_vlm("llava", tmp_path / "tiny-llava", seed=0)
+    out = tmp_path / "labels"
+    r = subprocess.run([str(Path(sys.executable).with_name("medqm")), "label", "--tasks", "demo", "--distorted",
+                        str(dist_dir), "--model", str(model), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_only_those_references(read_labels(out), dist_dir, ref_ids)

@@ -142,6 +142,12 @@ def test_concurrent_requests_share_forward_passes(client):
 
 @pytest.mark.parametrize("name, content, status, error, words", [
     ("notes.txt", b"patient notes, not an image", 415, "unsupported_format", "unrecognised file format"),
+    # judged by content, not by name: junk named .dcm is no DICOM, like the same bytes named .bin
+    ("x.dcm", np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes(), 415, "unsupported_format",
+     "not a DICOM file (no DICM preamble or valid dataset)"),
+    ("x.bin", np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), 415, "unsupported_format",
+     "unrecognised file format"),
+    ("notes.dcm", b"patient notes, not an image\n" * 20, 415, "unsupported_format", "not a DICOM file"),
     ("empty.png", b"", 422, "unreadable_image", "empty file"),
     ("cut.png", png_bytes(np.zeros((64, 64), np.uint8))[:60], 422, "unreadable_image", "unreadable image"),
     ("cut.dcm", Path(CT).read_bytes()[:20000], 422, "unreadable_image", "cannot decode pixel data"),

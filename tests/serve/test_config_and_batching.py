@@ -42,6 +42,15 @@ def test_modality_thresholds_use_canonical_names():
         ServeConfig(modality_thresholds={"banana": {}})
 
 
+def test_xray_codes_fall_back_to_the_xr_thresholds():
+    xr, xa = Thresholds(pass_min=0.7, review_min=0.4), Thresholds(pass_min=0.9, review_min=0.8)
+    cfg = ServeConfig(modality_thresholds={"XR": xr.model_dump(), "xa": xa.model_dump()})
+    assert set(cfg.modality_thresholds) == {"XR", "XA"}  # XA is its own modality now, not folded into XR
+    assert cfg.thresholds_for("XA") == xa
+    assert cfg.thresholds_for("DX") == cfg.thresholds_for("CR") == cfg.thresholds_for("RF") == xr
+    assert cfg.thresholds_for("MG") == cfg.thresholds_for("CT") == Thresholds()
+
+
 def test_load_config_from_yaml_with_overrides(tmp_path):
     p = tmp_path / "gate.yaml"
     p.write_text("thresholds: {pass_min: 0.8, review_min: 0.5}\nlimits: {max_files: 4}\nbatching: {window_ms: 2}\n"

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from medqm.io import MODALITIES, MedImage
+from medqm.io import MODALITIES, MedImage, modality_family
 
 ALL_MODALITIES: tuple[str, ...] = MODALITIES
 N_LEVELS = 5
@@ -46,7 +46,8 @@ class Distortion:
     Attributes:
         name: registry key, snake_case.
         family: generic, mr, ct, xray, us, color — for documentation and galleries.
-        modalities: canonical modalities the artifact occurs in.
+        modalities: canonical modalities the artifact occurs in. An image applies when its modality or its
+            family does (`medqm.io.modality_family`: CR, DX, XA and RF images take the XR types).
         levels: five dicts of parameters, mildest first. Values that are (low, high) tuples are ranges that
             `sample` draws uniformly from; scalars are fixed.
         description: one line on what it simulates and in which domain.
@@ -100,7 +101,7 @@ class Distortion:
         """Raise `DistortionNotApplicable` when this artifact does not occur in the image's modality."""
         mod = modality or (image.modality if image is not None else None)
         px = pixels if pixels is not None else (image.pixels if image is not None else None)
-        if mod is not None and mod not in self.modalities:
+        if mod is not None and not _models(self.modalities, mod):
             where = f" ({image.id})" if image is not None else ""
             raise DistortionNotApplicable(
                 f"distortion {self.name!r} models {'/'.join(self.modalities)} images; this image{where} is {mod}"
@@ -109,7 +110,7 @@ class Distortion:
             raise DistortionNotApplicable(f"distortion {self.name!r} applies to grayscale images; this one is colour")
 
     def applies_to(self, modality: str | None, *, color: bool = False) -> bool:
-        return (modality is None or modality in self.modalities) and (self.color or not color)
+        return (modality is None or _models(self.modalities, modality)) and (self.color or not color)
 
     def __call__(self, image: MedImage | np.ndarray, level: int, seed: int = 0, *, force: bool = False) -> DistortionResult:
         """Sample parameters for (level, seed) and apply them; ``force`` skips the modality check."""
@@ -136,6 +137,11 @@ class Distortion:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def _models(modalities: tuple[str, ...], modality: str) -> bool:
+    """Whether a distortion modelling ``modalities`` applies to ``modality`` (itself or its family)."""
+    return modality in modalities or modality_family(modality) in modalities
+
+
 def _stable_hash(text: str) -> int:
     """A process-independent hash (Python's hash() is salted per process)."""
     import zlib
@@ -148,7 +154,7 @@ def list_distortions(modality: str | None = None, *, color: bool | None = None) 
     _load_all()
     return sorted(
         n for n, cls in _REGISTRY.items()
-        if (modality is None or modality in cls.modalities) and (color is None or not color or cls.color)
+        if (modality is None or _models(cls.modalities, modality)) and (color is None or not color or cls.color)
     )
 
 

@@ -208,6 +208,26 @@ def _drop_torn_tail(ledger: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+TEST_HOOK_STALL_ENV = "MEDQM_TEST_HOOK_STALL_AFTER_FIRST_LEDGER"
+
+
+def _test_hook_stall_after_first_ledger(marker: str) -> None:
+    """TEST HOOK, inert unless ``$MEDQM_TEST_HOOK_STALL_AFTER_FIRST_LEDGER`` is set (never set it in real use).
+
+    When the variable names a file, `run_plan` calls this right after the first batch of ledger lines (one
+    finished job) has been written and fsynced: it creates that marker file and then blocks forever, so a
+    test can wait for the marker and ``kill -9`` the run at a known point (records in the ledger, no
+    manifest yet) instead of racing the machine's speed. Workers of a pool may still finish their current
+    jobs while the main process is blocked; those images are not in the ledger and are redone on resume.
+    """
+    import time
+
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).write_text(str(os.getpid()))
+    while True:  # until killed
+        time.sleep(3600)
+
+
 @dataclass
 class RunSummary:
     out: Path
@@ -228,6 +248,7 @@ def run_plan(
     """Apply ``plan`` to ``collection``, writing into ``out``; resumes from ``out/ledger.jsonl``.
 
     ``progress(done, total)`` is called as distortions complete. Returns counts and the failures.
+    (Tests only: ``$MEDQM_TEST_HOOK_STALL_AFTER_FIRST_LEDGER``, see `_test_hook_stall_after_first_ledger`.)
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +269,7 @@ def run_plan(
     failures: list[dict] = []
     written = 0
     workers = max(1, workers or os.cpu_count() or 1)
+    stall_marker = os.environ.get(TEST_HOOK_STALL_ENV)  # test hook; None in real use
     if progress:
         progress(len(done), total)
 
@@ -265,6 +287,8 @@ def run_plan(
             os.fsync(ledger.fileno())
             if progress:
                 progress(len(done), total)
+            if stall_marker and records:
+                _test_hook_stall_after_first_ledger(stall_marker)
 
         if workers == 1:
             for job in jobs:

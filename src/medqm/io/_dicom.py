@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._image import MedImage, MedQMReadError, canonical_modality
+from ._image import MedImage, MedQMReadError, MedQMUnsupportedFormatError, canonical_modality
 from ._window import Window, apply_window, default_window, resolve_window
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -63,6 +63,34 @@ def _sop_name(ds) -> str:
     if uid is None:
         return "unknown SOP class"
     return getattr(uid, "name", str(uid))
+
+
+NOT_DICOM = "not a DICOM file (no DICM preamble or valid dataset)"
+
+
+def _has_preamble(path: Path) -> bool:
+    """Whether the file has the Part 10 'DICM' marker at offset 128."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _plausible_dataset(ds) -> bool:
+    """Whether a dataset read with ``force=True`` from a file without preamble looks like DICOM at all.
+
+    pydicom parses any bytes into *something* when forced: random bytes or text become one or two elements
+    with nonsense tags. A real dataset holds several tags of the DICOM dictionary (command group 0000 aside,
+    which a run of zero bytes imitates).
+    """
+    from pydicom.datadict import dictionary_has_tag
+
+    meta = getattr(ds, "file_meta", None)
+    tags = list(ds.keys()) + (list(meta.keys()) if meta is not None else [])
+    known = sum(1 for t in tags if t.group != 0x0000 and dictionary_has_tag(t))
+    return known >= 2
 
 
 def _case_id(ds, path: Path) -> str:
@@ -187,12 +215,17 @@ def read_dicom(
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import pixel_array
 
+    preamble = _has_preamble(path)
     try:
         ds = pydicom.dcmread(path, force=force)
     except InvalidDicomError as e:
-        raise MedQMReadError(path, f"not a DICOM file ({e})") from e
+        raise MedQMUnsupportedFormatError(path, f"not a DICOM file ({e})") from e
     except Exception as e:  # pydicom raises many types on truncated/garbled files
+        if not preamble:  # no DICM marker and no dataset either: judged by content, whatever the suffix
+            raise MedQMUnsupportedFormatError(path, NOT_DICOM) from e
         raise MedQMReadError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from e
+    if not preamble and not _plausible_dataset(ds):
+        raise MedQMUnsupportedFormatError(path, NOT_DICOM)
 
     try:
         frames = _check_dataset(ds, path, max_pixels)

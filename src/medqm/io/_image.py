@@ -11,16 +11,21 @@ import numpy as np
 DEFAULT_MAX_PIXELS = 2**26  # ~67 M pixels per 2D image (8192²): refuses decompression bombs before decoding
 
 # Canonical modality names. DICOM codes map onto them; non-DICOM files get one from the caller.
-MODALITIES = ("CT", "MR", "XR", "US", "NM", "PT", "MG", "PATH", "FUNDUS", "OT")
+# The projection X-ray codes CR, DX, XA (angiography) and RF (fluoroscopy) stay distinct, like MG: users and
+# per-modality thresholds tell them apart. Distortions choose by family (`modality_family`: all four → XR).
+MODALITIES = ("CT", "MR", "XR", "US", "NM", "PT", "MG", "PATH", "FUNDUS", "OT", "CR", "DX", "XA", "RF")
+
+# Modality → the family whose physics (and so whose distortion types) it shares.
+_FAMILY = {"CR": "XR", "DX": "XR", "XA": "XR", "RF": "XR"}
 
 _DICOM_TO_CANONICAL = {
     "CT": "CT",
     "MR": "MR",
-    "CR": "XR",
-    "DX": "XR",
+    "CR": "CR",
+    "DX": "DX",
     "DR": "XR",
-    "RF": "XR",
-    "XA": "XR",
+    "RF": "RF",
+    "XA": "XA",
     "PX": "XR",
     "IO": "XR",
     "US": "US",
@@ -67,6 +72,16 @@ def canonical_modality(code: str | None) -> str | None:
     raise ValueError(f"unknown modality {code!r}; expected one of {', '.join(MODALITIES)} or a DICOM modality code")
 
 
+def modality_family(modality: str | None) -> str | None:
+    """The modality whose artifacts apply to ``modality``: XR for CR, DX, XA and RF; the modality itself otherwise.
+
+    For choosing distortion types, lesion models and fallback thresholds; `MedImage.modality` keeps the code.
+    """
+    if modality is None:
+        return None
+    return _FAMILY.get(modality, modality)
+
+
 class MedQMReadError(Exception):
     """A file could not be turned into a MedImage. Carries the file and a human-readable reason."""
 
@@ -77,6 +92,14 @@ class MedQMReadError(Exception):
 
     def __reduce__(self):  # keep picklable across process pools
         return (type(self), (self.path, self.reason))
+
+
+class MedQMUnsupportedFormatError(MedQMReadError):
+    """The file is not an image format MedQM reads at all (judged from its content, whatever its suffix).
+
+    A subclass of `MedQMReadError`, so callers that catch that still catch it; the quality gate answers
+    415 ``unsupported_format`` for it, and 422 for files of a known format that cannot be decoded.
+    """
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ._dicom import read_dicom
-from ._image import DEFAULT_MAX_PIXELS, MedImage, MedQMReadError, ReadFailure, canonical_modality
+from ._image import (DEFAULT_MAX_PIXELS, MedImage, MedQMReadError, MedQMUnsupportedFormatError, ReadFailure,
+                     canonical_modality)
 from ._raster import read_raster
 from ._volume import _parse_axis, read_volume
 from ._window import Window, resolve_window
@@ -104,7 +105,9 @@ def read_images(
         max_pixels: refuse images with more pixels than this, judged from the header before decoding.
 
     Raises:
-        MedQMReadError: with the path and the reason, for anything that cannot become a valid MedImage.
+        MedQMReadError: with the path and the reason, for anything that cannot become a valid MedImage;
+            its subclass MedQMUnsupportedFormatError when the content is no supported format at all
+            (e.g. text or random bytes named ``.dcm``: "not a DICOM file (no DICM preamble or valid dataset)").
     """
     return _read(Path(path), index=index, all_frames=True, axis=axis, window=window, modality=modality,
                  body_part=body_part, case_id=case_id, max_pixels=max_pixels)
@@ -170,12 +173,12 @@ def _read_unknown(path: Path, *, index, all_frames, common) -> list[MedImage]:
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     hint = " (gzip-compressed: decompress it first)" if gz else ""
-    raise MedQMReadError(
+    raise MedQMUnsupportedFormatError(
         path, f"unrecognised file format{hint}; supported: DICOM, NIfTI, NRRD, PNG, JPEG, JPEG 2000, TIFF, BMP, NPY"
     )
 
 
-def _walk(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
+def _walk(paths: Iterable[str | os.PathLike], on_skip: Callable[[Path], None] | None = None) -> Iterator[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
@@ -188,19 +191,24 @@ def _walk(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
                     # in folders, take only files that look like images; sidecars (csv, json, md) are skipped
                     if sniff_format(f) is not None:
                         yield f
+                    elif on_skip is not None:
+                        on_skip(f)
         else:
             yield p  # named explicitly: always tried, so a missing or bad file is reported
 
 
-def iter_images(paths: str | os.PathLike | Iterable[str | os.PathLike], **kwargs) -> Iterator[MedImage | ReadFailure]:
+def iter_images(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+                on_skip: Callable[[Path], None] | None = None, **kwargs) -> Iterator[MedImage | ReadFailure]:
     """Yield every image under ``paths`` (files and folders, walked recursively in sorted order).
 
     A file that fails yields a `ReadFailure(path, reason)` instead of raising, so one bad file never
-    stops a batch. Keyword arguments go to `read_images`.
+    stops a batch. In folders, files that are no image format (csv, json, txt, icc…) are skipped: each
+    is passed to ``on_skip`` when given (hidden files and folders are not looked at). Other keyword
+    arguments go to `read_images`.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    for f in _walk(paths):
+    for f in _walk(paths, on_skip):
         try:
             yield from read_images(f, **kwargs)
         except MedQMReadError as e:

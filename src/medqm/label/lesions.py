@@ -186,10 +186,10 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], blur: float) -> n
 
 
 def _params_for(modality: str) -> tuple[str, LesionParams]:
-    from medqm.io import canonical_modality
+    from medqm.io import canonical_modality, modality_family
 
     try:
-        mod = canonical_modality(modality)
+        mod = modality_family(canonical_modality(modality))  # CR, DX, XA, RF: the XR model
     except ValueError:
         mod = None
     if mod not in LESION_PARAMS:

@@ -54,7 +54,13 @@ def _resolve(path: str) -> str:
 
 
 def gather_references(items: Sequence[VQAItem], distorted: str | Path | None, *, include_references: bool = True) -> list[Reference]:
-    """Join task items (by image) with a `medqm distort` manifest (by its ref_path); sorted by ref_id."""
+    """Join task items (by image) with a `medqm distort` manifest (by its ref_path); sorted by ref_id.
+
+    With a ``distorted`` folder, only references that are the ``ref_path`` of at least one of its distorted
+    images are kept (task items of other images are ignored: a distort folder made from a few references
+    labels those few, not the whole collection). Without one, every image with items is a reference
+    (reference-only labels, when ``include_references``).
+    """
     by_image: dict[str, list[VQAItem]] = defaultdict(list)
     for it in items:
         by_image[_resolve(it.image)].append(it)
@@ -69,8 +75,8 @@ def gather_references(items: Sequence[VQAItem], distorted: str | Path | None, *,
     refs = []
     for key, its in by_image.items():
         rows = sorted(dist_rows.get(key, []), key=lambda r: r["dist_id"])
-        if not rows and not include_references:
-            continue
+        if not rows and (distorted is not None or not include_references):
+            continue  # no distorted version of this image in the distort folder: nothing to label for it
         first = rows[0] if rows else {}
         ref_id = first.get("ref_id") or its[0].image_id or Path(key).stem
         refs.append(Reference(key, str(ref_id), str(first.get("case_id") or its[0].case_id),

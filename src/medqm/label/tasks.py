@@ -506,7 +506,7 @@ def demo_questions(collection, *, lesions: bool = True) -> list[VQAItem]:
         if plane.lower() in PLANES:
             items.append(VQAItem(question=QUESTION_TEMPLATES["plane"], answer=plane.lower(), answer_type="plane",
                                  choices=list(PLANES), **base))
-        elif mod == "XR" and plane.upper() in VIEWS:
+        elif mod in ("XR", "CR", "DX") and plane.upper() in VIEWS:  # radiographs, whichever code the manifest uses
             items.append(VQAItem(question=QUESTION_TEMPLATES["view"], answer=plane.upper(), answer_type="plane",
                                  choices=list(VIEWS), **base))
         if not lesions:

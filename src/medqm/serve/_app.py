@@ -24,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from medqm import __version__
-from medqm.io import MedImage, MedQMReadError, canonical_modality, read_image, sniff_format
+from medqm.io import MedImage, MedQMReadError, MedQMUnsupportedFormatError, canonical_modality, read_image, sniff_format
 from medqm.label.quality import DEFAULT_MAP, QualityMap
 from medqm.model.scoring import Scorer, default_checkpoint, heatmap_overlay
 
@@ -110,11 +110,11 @@ def _times(n: float) -> str:
 
 
 def _read_error(name: str, err: MedQMReadError, kind: str | None, tmp: Path) -> GateError:
-    """The reader's reason → the right 4xx: 413 for size limits, 415 for unknown formats, 422 for the rest."""
+    """The reader's reason → the right 4xx: 413 for size limits, 415 for unknown formats (by content), 422 for the rest."""
     reason = err.reason.replace(str(tmp), name).replace(str(tmp.parent), "")  # no server paths in answers
     if "exceeds the" in reason or "not enough memory" in reason:
         return GateError(413, "image_too_large", f"{name}: {reason}", name)
-    if kind is None:
+    if kind is None or isinstance(err, MedQMUnsupportedFormatError):  # by content: junk named .dcm too
         return GateError(415, "unsupported_format", f"{name}: {reason}", name)
     return GateError(422, "unreadable_image", f"{name}: {reason}", name)
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medqm.io import canonical_modality
+from medqm.io import canonical_modality, modality_family
 
 Verdict = Literal["pass", "review", "reject"]
 
@@ -80,8 +80,13 @@ class ServeConfig(BaseModel):
         return {canonical_modality(k): t for k, t in v.items()}
 
     def thresholds_for(self, modality: str | None) -> Thresholds:
-        """The modality's own thresholds when configured, else the default ones."""
-        return self.modality_thresholds.get(modality, self.thresholds) if modality else self.thresholds
+        """The modality's own thresholds when configured, else its family's (XR for CR, DX, XA, RF), else the default."""
+        if not modality:
+            return self.thresholds
+        for key in (modality, modality_family(modality)):
+            if key in self.modality_thresholds:
+                return self.modality_thresholds[key]
+        return self.thresholds
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
