@@ -98,9 +98,9 @@ def _memory_child(model_dir: str, variant: str, prompt_tokens: int, batch: int) 
     nll = fn(images, questions, answers)
     seconds = time.perf_counter() - t0
     peak = _proc_status_mb("VmHWM") if exact else _max_rss_mb()
-    from medqm.label.hf import _to_pil
+    from medqm.label.hf import to_pil
 
-    seq = int(m._encode([_to_pil(images[0], 0)], [prompt], [answer_ids]).inputs["input_ids"].shape[1])
+    seq = int(m._encode([to_pil(images[0], 0)], [prompt], [answer_ids]).inputs["input_ids"].shape[1])
     print(json.dumps({
         "variant": variant, "baseline_mb": round(baseline, 1), "peak_mb": round(peak, 1),
         "process_peak_mb": round(max(_max_rss_mb(), process_peak_before), 1), "peak_method":
@@ -137,7 +137,7 @@ def main() -> None:
     import torch
 
     from medqm.label.hf import load_model
-    from medqm.label.tiny import build_tiny_vlm
+    from medqm.testing import build_tiny_vlm
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

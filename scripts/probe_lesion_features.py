@@ -61,10 +61,8 @@ def main(argv=None) -> int:
 
     from medqm._pretrained import efficientnet_lite0_imagenet
     from medqm.io.collection import default_collection, load_manifest
-    from medqm.label.demo_vlm import case_split
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from train_diagnostic_vlm import TrainConfig
+    from medqm.label.standin import case_split
+    from medqm.label.standin.training import TrainConfig
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -66,8 +66,8 @@ def main() -> int:
         split_file = split_file or str(out / name / "split.csv")
         n_params = sum(p.numel() for p in MedQMI.from_pretrained(out / name).parameters())
         o = r.test.get("overall", {})
-        rows[name] = {"test_srcc": o.get("srcc"), "test_plcc": o.get("plcc"), "test_krcc": o.get("krcc"),
-                      "test_rmse": o.get("rmse"), "test_n": o.get("n"), "val_srcc": r.best_val.get("srcc"),
+        rows[name] = {"test_srcc": o.get("srcc"), "test_plcc_raw": o.get("plcc_raw"), "test_krcc": o.get("krcc"),
+                      "test_rmse_raw": o.get("rmse_raw"), "test_n": o.get("n"), "val_srcc": r.best_val.get("srcc"),
                       "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "params": n_params,
                       "by_modality_srcc": {k: v["srcc"] for k, v in r.test.get("by_modality", {}).items()}}
 
@@ -82,12 +82,12 @@ def main() -> int:
     summary = {"labels": str(Path(args.labels).resolve()), "label_model_id": labels_meta.get("model_id"),
                "command": " ".join(["python", *sys.argv]), "split": split_file, "models": rows, "checks": checks}
     (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| model | params | test SRCC | test PLCC | test KRCC | test RMSE | val SRCC | best epoch |",
+    lines = ["| model | params | test SRCC | test PLCC_raw | test KRCC | test RMSE_raw | val SRCC | best epoch |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {name} | {r['params'] / 1e6:.2f} M | {f(r['test_srcc'])} | {f(r['test_plcc'])} | {f(r['test_krcc'])} | "
-                     f"{f(r['test_rmse'])} | {f(r['val_srcc'])} | {r['best_epoch']}/{r['epochs_run']} |")
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f} M | {f(r['test_srcc'])} | {f(r['test_plcc_raw'])} | {f(r['test_krcc'])} | "
+                     f"{f(r['test_rmse_raw'])} | {f(r['val_srcc'])} | {r['best_epoch']}/{r['epochs_run']} |")
     table = "\n".join(lines)
     (out / "comparison.md").write_text(f"Labels: {summary['labels']} (model {summary['label_model_id']})\n\n"
                                        f"Command: `{summary['command']}`\n\n{table}\n\nChecks: {json.dumps(checks)}\n")
@@ -110,8 +110,8 @@ def install_from(ckpt: Path, labels: str) -> Path:
     meta = read_labels(labels).attrs.get("medqm", {})
     summary = {"command": f"medqm demo (checkpoint {ckpt})", "labels": str(Path(labels).resolve()),
                "label_model_id": meta.get("model_id"),
-               "models": {"medqm_i": {"test_srcc": o["srcc"], "test_plcc": o["plcc"], "test_krcc": o["krcc"],
-                                      "test_rmse": o["rmse"], "test_n": o["n"]}}}
+               "models": {"medqm_i": {"test_srcc": o["srcc"], "test_plcc_raw": o["plcc_raw"], "test_krcc": o["krcc"],
+                                      "test_rmse_raw": o["rmse_raw"], "test_n": o["n"]}}}
     return install(ckpt, summary)
 
 
@@ -133,8 +133,8 @@ def install(src: Path, summary: dict) -> Path:
         "# MedQM-I default checkpoint (medqm-i-demo)\n\n"
         f"Trained by `{summary['command']}` on the label set {summary['labels']} "
         f"(labelled by {summary['label_model_id']!r}), frozen ImageNet EfficientNet-Lite0 backbone.\n\n"
-        f"Held-out cases: SRCC {r['test_srcc']:.4f}, PLCC {r['test_plcc']:.4f}, KRCC {r['test_krcc']:.4f}, "
-        f"RMSE {r['test_rmse']:.4f} (n = {r['test_n']}); split in split.csv, per-epoch metrics in metrics.csv.\n\n"
+        f"Held-out cases: SRCC {r['test_srcc']:.4f}, PLCC_raw {r['test_plcc_raw']:.4f}, KRCC {r['test_krcc']:.4f}, "
+        f"RMSE_raw {r['test_rmse_raw']:.4f} (n = {r['test_n']}); split in split.csv, per-epoch metrics in metrics.csv.\n\n"
         "It predicts how well *that* labelling model could still answer diagnostic questions about an image of the "
         "demo collection's kinds; it is a demonstration, not a clinical device.\n")
     print(f"installed {dst}")

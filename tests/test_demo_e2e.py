@@ -1,7 +1,7 @@
 """`medqm demo --quick` end to end: every stage on the bundled collection, the report, caching and resuming.
 
 The diagnostic model is a small random stand-in with the shipped model's architecture family (built here in
-seconds, `medqm.label.demo_vlm.build_demo_vlm` at 64 px), so the test neither waits for nor depends on the
+seconds, `medqm.label.standin.build_demo_vlm` at 64 px), so the test neither waits for nor depends on the
 trained stand-in VLM; `--model` is the option a user would pass for their own MLLM.
 """
 
@@ -26,7 +26,7 @@ HEADLINE_METHODS = [*MODEL_NAMES.values(), "NIQE", "BRISQUE", "PIQE"]
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory) -> Path:
     from medqm.io.collection import default_collection
-    from medqm.label.demo_vlm import DEMO_VLM_ARCH, build_demo_vlm, save_demo_vlm, tokenizer_corpus
+    from medqm.label.standin import DEMO_VLM_ARCH, build_demo_vlm, save_demo_vlm, tokenizer_corpus
     from medqm.label.tasks import demo_questions
 
     corpus = tokenizer_corpus(demo_questions(default_collection()))
@@ -182,14 +182,14 @@ def test_config_presets_and_validation():
 
 
 def test_default_model_is_the_shipped_stand_in_or_a_clear_error():
-    from medqm.demo import _vlm_source
-    from medqm.label.demo_vlm import DEMO_VLM_DIR
+    from medqm.demo import vlm_source
+    from medqm.label.standin import DEMO_VLM_DIR
 
     if (DEMO_VLM_DIR / "config.json").is_file():
-        assert _vlm_source(DemoConfig())[0] == str(DEMO_VLM_DIR.resolve())
+        assert vlm_source(DemoConfig())[0] == str(DEMO_VLM_DIR.resolve())
     else:
         with pytest.raises(DemoError, match="pass --model"):
-            _vlm_source(DemoConfig())
+            vlm_source(DemoConfig())
 
 
 def test_shipped_plans_load():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,15 @@ def write_parquet(table, path: str | Path) -> Path:
 
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_json(obj, path: str | Path, *, indent: int | None = 2, sort_keys: bool = False, default=None,
+               allow_nan: bool = True) -> Path:
+    """Write ``obj`` as JSON (UTF-8, one trailing newline) atomically; the keywords are `json.dumps`'s."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, allow_nan=allow_nan)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
 
 

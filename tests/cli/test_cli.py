@@ -65,7 +65,7 @@ def test_label_end_to_end_with_a_tiny_model(tmp_path):
     import pandas as pd
 
     from medqm.io.collection import default_collection, load_manifest
-    from medqm.label.tiny import build_tiny_vlm
+    from medqm.testing import build_tiny_vlm
 
     model = build_tiny_vlm("llava", tmp_path / "tiny-llava", seed=0)
     df = load_manifest(default_collection())

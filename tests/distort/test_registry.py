@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from medqm.distort import DistortionNotApplicable, create_distortion, distort, list_distortions
+from medqm.distort import (
+    Distortion,
+    DistortionNotApplicable,
+    DistortionOutputError,
+    create_distortion,
+    distort,
+    list_distortions,
+    saturate,
+)
 from medqm.distort.calibration import MIN_LEVEL1_SSIM, ssim
 
 ALL = list_distortions()
@@ -72,3 +80,50 @@ def test_level1_mild_and_monotone_on_a_few_images(demo_refs):
     table = ssim_table(demo_refs, names=names)
     assert not calibration_problems(table)
     assert (table[table.level == 1].median_ssim >= MIN_LEVEL1_SSIM).all()
+
+
+class _Broken(Distortion):
+    """A deliberately broken distortion (not registered: no ``name`` when the class is made)."""
+
+    levels = ({"gain": 1.0}, {"gain": 1.5}, {"gain": 2.0}, {"gain": 3.0}, {"gain": 4.0})
+    mode = "range"
+
+    def apply(self, pixels, params):
+        if self.mode == "nan":
+            out = pixels.copy()
+            out[0, 0] = np.nan
+            return out
+        if self.mode == "shape":
+            return pixels[1:]
+        return pixels * params["gain"]
+
+
+_Broken.name = "broken_for_test"
+
+
+def _broken(mode):
+    d = _Broken()
+    d.mode = mode
+    return d
+
+
+def test_replay_raises_on_a_broken_output_and_never_repairs_it():
+    px = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    assert "broken_for_test" not in list_distortions()
+    with pytest.raises(DistortionOutputError, match=r"'broken_for_test' at level 3 with parameters \{'gain': 2\.0\} "
+                                                    r"produced values in \[0, 2\], outside \[0, 1\]"):
+        _broken("range")(px, 3, seed=0, force=True)
+    with pytest.raises(DistortionOutputError, match=r"'broken_for_test' at level 1 .* 1 non-finite values"):
+        _broken("nan")(px, 1, seed=0, force=True)
+    with pytest.raises(DistortionOutputError, match=r"changed the shape \(8, 8\) → \(7, 8\)"):
+        _broken("shape").replay(px, {"gain": 1.0})
+    with pytest.raises(DistortionOutputError, match=r"with parameters \{'gain': 1\.01\} produced values in \[0, 1\.01\]"):
+        _broken("range").replay(px, {"gain": 1.01})  # no level given: the parameters still say which call
+    # an output within the contract comes back as it was: nothing clipped, nothing replaced
+    out = _broken("range")(px * 0.5, 2, seed=0, force=True).pixels
+    assert out.tobytes() == (px * 0.5 * np.float32(1.5)).tobytes()
+
+
+def test_saturate_clips_to_the_display_range():
+    x = np.array([-0.5, 0.0, 0.25, 1.0, 1.5], np.float32)
+    np.testing.assert_array_equal(saturate(x), [0.0, 0.0, 0.25, 1.0, 1.0])

@@ -1,6 +1,8 @@
-"""Agreement metrics, the logistic fit, the case bootstrap and the significance tests (`medqm.evaluate.metrics`).
+"""Agreement metrics, the logistic fit, the case bootstrap and the significance tests (`medqm.metrics`, the one
+metrics module that training and evaluation share).
 
-Reference values: scipy.stats (spearmanr, kendalltau, pearsonr) on the same data; Williams' t on Steiger's
+Reference values: scipy.stats (spearmanr, kendalltau, pearsonr) on the same data, RMSE and the fitted curve
+written out here with NumPy (independently of `medqm.metrics`); Williams' t on Steiger's
 (1980) worked example (r12 = .5, r13 = .4, r23 = .1, n = 103), for which the formula gives t = 0.891
 (the value psych::r.test prints for it, 0.89).
 """
@@ -11,17 +13,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medqm.evaluate import metrics as M
-from medqm.evaluate.metrics import (
+import medqm.metrics as M
+from medqm.metrics import (
     CaseBootstrap,
     agreement,
     bootstrap_agreement,
     compare_srcc,
+    correlations,
     fit_logistic,
+    grouped_correlations,
     krcc,
     logistic4,
     paired_bootstrap_srcc,
-    plcc,
+    plcc_raw,
+    rmse_raw,
     srcc,
     williams_t,
 )
@@ -50,16 +55,77 @@ def test_correlations_match_scipy(rng, ties):
         x, y = np.round(x, 1), np.round(y, 1)
     assert srcc(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     assert krcc(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
-    assert plcc(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+    assert plcc_raw(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+    assert rmse_raw(x, y) == pytest.approx(np.linalg.norm(x - y) / np.sqrt(x.size), rel=1e-12)
     a = agreement(x, y)
     assert a["srcc"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert a["krcc"] == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
     assert a["plcc_raw"] == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
     assert a["n"] == 300
 
 
+def _vqeg(x, b1, b2, b3, b4):
+    """VQEG's logistic written out directly (not `logistic4`, which avoids overflow through tanh)."""
+    return b2 + (b1 - b2) / (1.0 + np.exp(-(x - b3) / abs(b4)))
+
+
+def test_fitted_plcc_and_rmse_match_an_independent_computation(rng):
+    """PLCC and RMSE after the fit: Pearson / root mean square of the fitted curve, and a least-squares fit no
+    worse than scipy's curve_fit run here from its own start on the raw (unstandardised) scale."""
+    from scipy.optimize import curve_fit
+
+    x = rng.uniform(0, 60, 400)  # a BRISQUE-like scale
+    y = 0.2 + 0.6 / (1 + np.exp(-(x - 30) / 6)) + rng.normal(0, 0.05, 400)
+    a = agreement(x, y)
+    assert a["fit"]["kind"] == "logistic"
+    mapped = _vqeg(x, *a["fit"]["params"])
+    assert a["plcc"] == pytest.approx(stats.pearsonr(mapped, y).statistic, abs=1e-9)
+    assert a["rmse"] == pytest.approx(np.sqrt(np.mean((mapped - y) ** 2)), rel=1e-9)
+    ref, _ = curve_fit(_vqeg, x, y, p0=(y.max(), y.min(), np.median(x), x.std()), maxfev=20000)
+    ref_rmse = np.sqrt(np.mean((_vqeg(x, *ref) - y) ** 2))
+    assert a["rmse"] <= ref_rmse * (1 + 1e-6)
+    assert a["rmse"] == pytest.approx(0.05, rel=0.15)  # the noise level
+    assert a["plcc"] > a["plcc_raw"] == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+
+
+def test_training_correlations_are_the_raw_set_against_scipy(rng):
+    """The trainer's set (`correlations`): SRCC, KRCC, PLCC and RMSE of the predictions as they are, named
+    ``plcc_raw`` / ``rmse_raw`` (no fit), equal to scipy and to the raw values `agreement` reports."""
+    t = rng.uniform(0, 1, 250)
+    p = t + 0.3 * np.sin(6 * t) + rng.normal(0, 0.1, 250)  # label units, monotone-ish, non-linear
+    m = correlations(p, t)
+    assert set(m) == {"n", "srcc", "krcc", "plcc_raw", "rmse_raw"}  # no fitted plcc / rmse under a raw name
+    assert m["n"] == 250
+    assert m["srcc"] == pytest.approx(stats.spearmanr(p, t).statistic, abs=1e-12)
+    assert m["krcc"] == pytest.approx(stats.kendalltau(p, t).statistic, abs=1e-12)
+    assert m["plcc_raw"] == pytest.approx(stats.pearsonr(p, t).statistic, abs=1e-12)
+    assert m["rmse_raw"] == pytest.approx(np.sqrt(((p - t) ** 2).sum() / p.size), rel=1e-12)
+    a = agreement(p, t)
+    assert (m["srcc"], m["krcc"], m["plcc_raw"]) == (a["srcc"], a["krcc"], a["plcc_raw"])
+    assert a["rmse"] < m["rmse_raw"]  # the fitted map only lowers the squared error of a monotone predictor
+    groups = np.where(t > 0.5, "hi", "lo")
+    g = grouped_correlations(p, t, groups)
+    assert list(g) == ["hi", "lo"]
+    lo = t <= 0.5
+    assert g["lo"]["srcc"] == pytest.approx(stats.spearmanr(p[lo], t[lo]).statistic, abs=1e-12)
+    assert g["lo"]["plcc_raw"] == pytest.approx(stats.pearsonr(p[lo], t[lo]).statistic, abs=1e-12)
+    assert g["hi"] == correlations(p[~lo], t[~lo])
+
+
+def test_training_correlations_record_a_diverged_epoch_as_nan():
+    m = correlations([0.1, np.nan, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4])
+    assert m["n"] == 4 and all(np.isnan(m[k]) for k in ("srcc", "krcc", "plcc_raw", "rmse_raw"))
+    constant = correlations([1, 1, 1], [1, 2, 3])
+    assert np.isnan(constant["srcc"]) and np.isnan(constant["plcc_raw"])
+    assert constant["rmse_raw"] == pytest.approx(np.sqrt(5 / 3))
+    with pytest.raises(ValueError, match="differ in length"):
+        correlations([1, 2], [1])
+
+
 def test_undefined_correlations_are_nan():
     assert np.isnan(srcc([1, 1, 1, 1], [1, 2, 3, 4]))
-    assert np.isnan(plcc([1, 2], [2, 1]))
+    assert np.isnan(plcc_raw([1, 2], [2, 1]))
+    assert np.isnan(rmse_raw([], []))
     a = agreement(np.ones(10), np.arange(10.0))
     assert all(np.isnan(a[k]) for k in ("srcc", "krcc", "plcc", "plcc_raw", "rmse")) and a["fit"] is None
     with pytest.raises(ValueError, match="finite"):

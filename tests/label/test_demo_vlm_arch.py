@@ -1,4 +1,4 @@
-"""The stand-in VLM's architecture (`medqm.label.demo_vlm`), independent of the shipped weights."""
+"""The stand-in VLM's architecture (`medqm.label.standin`), independent of the shipped weights."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers", minversion="5.0")
-
-from medqm.label.demo_vlm import DEMO_VLM_ARCH, build_demo_vlm, save_demo_vlm, tokenizer_corpus  # noqa: E402
-from medqm.label.tasks import VQAItem  # noqa: E402
+from medqm.label.standin import (
+    DEMO_VLM_ARCH,
+    build_demo_vlm,
+    save_demo_vlm,
+    tokenizer_corpus,
+)
+from medqm.label.tasks import VQAItem
 
 ITEMS = [
     VQAItem("a.png", "What imaging modality is this?", "CT", "c1", "modality", "a", "CT", ["CT", "MR", "XR"]),

@@ -1,6 +1,6 @@
 """The Hugging Face `DiagnosticModel` backend on tiny random LLaVA, Qwen2-VL and SmolVLM checkpoints.
 
-The checkpoints are built once per session by `medqm.label.tiny.build_tiny_vlm`, saved to a temporary folder
+The checkpoints are built once per session by `medqm.testing.build_tiny_vlm`, saved to a temporary folder
 and loaded back through `load_model(folder)`, as a user would load a real model.
 """
 
@@ -10,15 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-pytest.importorskip("transformers", minversion="5.0")
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from medqm.label._protocol import DiagnosticModel  # noqa: E402
-from medqm.label.hf import HFDiagnosticModel, load_model  # noqa: E402
-from medqm.label.tiny import TINY_FAMILIES, build_tiny_vlm  # noqa: E402
+from medqm.label._protocol import DiagnosticModel
+from medqm.label.hf import HFDiagnosticModel, load_model
+from medqm.testing import TINY_FAMILIES, build_tiny_vlm
 
 # what each family's template writes between its generation prompt and the answer, and after the answer
 SEPARATOR = {"llava": " ", "qwen2_vl": "", "smolvlm": " "}

@@ -9,8 +9,15 @@ from PIL import Image
 from scipy import ndimage
 
 from medqm.io.collection import default_collection, load_manifest, read_collection_image
-from medqm.label.lesions import DEFAULT_PER_MODALITY, LESION_COLUMNS, LESION_PARAMS, anatomy_mask, insert_lesion, make_lesion_set
 from medqm.label.tasks import QUADRANTS, demo_questions, mask_quadrant
+from medqm.synth import (
+    DEFAULT_PER_MODALITY,
+    LESION_COLUMNS,
+    LESION_PARAMS,
+    anatomy_mask,
+    insert_lesion,
+    make_lesion_set,
+)
 
 DEMO = default_collection()
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -123,7 +130,7 @@ def test_texture_matches_the_surroundings(pixels, modality, image_id, monkeypatc
     (same pixels, before and after); elsewhere the lesion replaces the tissue and carries synthetic texture
     matched to the ring around it, without which its inside would be much smoother.
     """
-    import medqm.label.lesions as lesions
+    from medqm.synth import lesions
 
     px = pixels[image_id]
 

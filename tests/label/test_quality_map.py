@@ -3,7 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from medqm.label.quality import DEFAULT_MAP, QualityMap, diagnostic_loss, likelihood_ratio, quality_to_loss
+from medqm.label.quality import (
+    DEFAULT_MAP,
+    QualityMap,
+    diagnostic_loss,
+    likelihood_ratio,
+    quality_to_loss,
+)
 
 
 def test_readable_anchor_points():

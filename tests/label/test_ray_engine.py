@@ -6,13 +6,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from medqm.distort.plan import Plan, run_plan  # noqa: E402
-from medqm.io.collection import default_collection, load_manifest  # noqa: E402
-from medqm.label.hf import load_model, model_identity  # noqa: E402
-from medqm.label.ray_engine import ModelSpec, RayScorer  # noqa: E402
-from medqm.label.runner import read_labels, run_labels  # noqa: E402
-from medqm.label.tasks import VQAItem  # noqa: E402
-from medqm.label.tiny import build_tiny_vlm  # noqa: E402
+from medqm.distort.plan import Plan, run_plan
+from medqm.io.collection import default_collection, load_manifest
+from medqm.label.hf import load_model, model_identity
+from medqm.label.ray_engine import ModelSpec, RayScorer
+from medqm.label.runner import read_labels, run_labels
+from medqm.label.tasks import VQAItem
+from medqm.testing import build_tiny_vlm
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from medqm.label.runner import read_labels, run_labels
 from medqm.label.tasks import VQAItem
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fakes import FakeDiagnosticModel  # noqa: E402
+from fakes import FakeDiagnosticModel
 
 PLAN = Plan(name="t", types=["gaussian_blur", "gaussian_noise", "jpeg"], levels=[1, 3, 5], seeds=1)
 
@@ -219,7 +219,7 @@ def test_distorted_folder_restricts_the_references(two_ref_distortions, tmp_path
 @pytest.mark.slow  # ~14 s (a subprocess importing transformers); the test above covers the fix in 1 s
 def test_cli_label_demo_tasks_with_a_small_distorted_folder(two_ref_distortions, tmp_path):
     """The reported command, `medqm label --tasks demo --distorted DIR`, with a tiny LLaVA built locally."""
-    from medqm.label.tiny import build_tiny_vlm
+    from medqm.testing import build_tiny_vlm
 
     dist_dir, ref_ids = two_ref_distortions
     model = build_tiny_vlm("llava", tmp_path / "tiny-llava", seed=0)

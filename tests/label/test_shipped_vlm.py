@@ -4,6 +4,9 @@ It must be an ordinary Hugging Face folder that the generic hf backend loads lik
 reproduce the numbers of its model card: ``eval_subset.json`` (written by ``scripts/train_diagnostic_vlm.py``)
 lists held-out items — demo images and images of a small prefix of the synthetic lesion set, regenerated here
 with the same deterministic `make_lesion_set` call — with every choice's NLL as measured at training time.
+
+`test_heldout_target` does not read the card: it builds held-out items itself (the case split and the lesion-set
+prefix below), scores them with the shipped weights and compares the accuracies with the targets stated here.
 """
 
 from __future__ import annotations
@@ -14,17 +17,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers", minversion="5.0")
-
-from medqm.io import read_image  # noqa: E402
-from medqm.io.collection import default_collection  # noqa: E402
-from medqm.label.demo_vlm import DEMO_VLM_DIR, closed_set_scores, file_sha256, folder_size  # noqa: E402
-from medqm.label.tasks import VQAItem  # noqa: E402
+from medqm.io import read_image
+from medqm.io.collection import default_collection, load_manifest
+from medqm.label.standin import (
+    DEMO_VLM_DIR,
+    case_split,
+    closed_set_scores,
+    file_sha256,
+    folder_size,
+)
+from medqm.label.tasks import VQAItem, demo_questions
+from medqm.synth import make_lesion_set
 
 MODEL = DEMO_VLM_DIR
-if not (MODEL / "config.json").is_file():
-    pytest.skip("the stand-in VLM is not trained and shipped yet (issue 5 is open)", allow_module_level=True)
 TARGETS = {"modality": 0.95, "lesion_present": 0.85, "lesion_quadrant": 0.7, "body_part": 0.8}  # the issue's targets
+# the lesion questions are judged on balanced accuracy too (several lesion-positive hybrids per negative copy)
+BALANCED = ("lesion_present", "lesion_quadrant")
+# targets the shipped model is known to miss, and why (strict xfail: meeting one later forces an update here)
+MISSED = {
+    "lesion_present": "frozen ImageNet EfficientNet-Lite0 tower read in 32-px cells cannot see 8-20 px lesions of "
+                      "CNR 1.8-5 (held-out balanced accuracy ~0.6 at training time; MODEL_CARD.md, Limitations)",
+    "lesion_quadrant": "same cause as lesion_present: the quadrant of a lesion the tower does not see is a guess",
+}
+# the training run's case split and the prefix of its synthetic lesion set that is cheap to regenerate
+SPLIT = {"fraction": 0.3, "seed": 0}
+LESION_PREFIX = {"per_modality": {"CT": 12, "MR": 28}, "variants": 8, "seed": 0}
+HELDOUT_PER_TYPE = 30  # held-out items per answer type, drawn with a fixed seed
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +58,17 @@ def dm():
 
 
 @pytest.fixture(scope="module")
-def subset(subset_doc, tmp_path_factory):
-    """(items, pixels) of the subset, with the lesion-set prefix regenerated in a temporary folder."""
-    from medqm.label.lesions import make_lesion_set
-
-    spec = subset_doc["lesion_set"]
+def lesion_prefix(tmp_path_factory) -> Path:
     les_root = tmp_path_factory.mktemp("lesion-prefix")
-    make_lesion_set(default_collection(), les_root, per_modality=spec["per_modality"], variants=spec["variants"],
-                    seed=spec["seed"])
+    make_lesion_set(default_collection(), les_root, **LESION_PREFIX)
+    return les_root
+
+
+@pytest.fixture(scope="module")
+def subset(subset_doc, lesion_prefix):
+    """(items, pixels) of the subset, with the lesion-set prefix regenerated in a temporary folder."""
+    assert subset_doc["lesion_set"] == LESION_PREFIX, "the card was measured on another lesion-set prefix"
+    les_root = lesion_prefix
     roots = {"demo": Path(default_collection()), "lesions": les_root}
     items, pixels, changed = [], {}, []
     for rec in subset_doc["items"]:
@@ -117,39 +138,52 @@ def test_reproduces_the_cards_subset(dm, subset, subset_doc):
         assert float(np.mean(got)) == pytest.approx(subset_doc["accuracy"][answer_type])
 
 
-def _missed() -> set[str]:
-    doc = json.loads((MODEL / "eval_subset.json").read_text(encoding="utf-8"))
-    return set(doc.get("missed", []))
-
-
 def test_card_reports_the_heldout_accuracy_and_reaction(subset_doc):
     card = (MODEL / "MODEL_CARD.md").read_text(encoding="utf-8")
     held = subset_doc["heldout_accuracy"]
     for answer_type in TARGETS:
         row = held[answer_type]
         assert f"| {answer_type} | {row['accuracy']:.3f} | {row['balanced_accuracy']:.3f} |" in card
-        if answer_type in _missed():
+        if answer_type in subset_doc["missed"]:
             assert "Targets missed" in card and answer_type in card.split("Targets missed", 1)[1].splitlines()[0]
     assert subset_doc["reaction_fraction"] >= 0.8
     assert f"({subset_doc['reaction_fraction']:.0%}) react" in card
 
 
+@pytest.fixture(scope="module")
+def heldout_scores(dm, lesion_prefix):
+    """Closed-set scores of a seeded sample of held-out items (cases the training split held out: demo images and
+    the lesion-prefix hybrids of their backgrounds), by answer type, through the shipped weights."""
+    demo = default_collection()
+    split = case_split(load_manifest(demo), **SPLIT)
+    items = [it for it in demo_questions([demo, lesion_prefix]) if split[it.case_id] == "val"]
+    rng = np.random.default_rng(0)
+    out = {}
+    for answer_type in TARGETS:
+        pool = sorted((it for it in items if it.answer_type == answer_type), key=lambda it: (it.image, it.question))
+        assert pool, f"no held-out {answer_type} items"
+        pick = [pool[i] for i in sorted(rng.choice(len(pool), size=min(HELDOUT_PER_TYPE, len(pool)), replace=False))]
+        pixels = {it.image: read_image(it.image).pixels for it in pick}
+        out[answer_type] = (pick, closed_set_scores(dm, pick, pixels))
+    return out
+
+
+@pytest.mark.slow  # scores ~120 held-out items × every choice through the full model (minutes on 2 cores)
 @pytest.mark.parametrize("answer_type", [
-    pytest.param(t, marks=pytest.mark.xfail(t in _missed(), strict=True,
-                                            reason="the model card reports this target as missed (see Limitations)"))
-    for t in TARGETS])
-def test_heldout_target(subset_doc, answer_type):
-    """The issue's targets, on accuracy (and on balanced accuracy for the lesion questions). A target the
-    card declares missed is an expected failure; strict, so meeting it later forces the card and this test to
-    be updated."""
-    row = subset_doc["heldout_accuracy"][answer_type]
-    got = row["accuracy"]
-    if answer_type in subset_doc["balanced_targets"]:
-        got = min(got, row["balanced_accuracy"])
-    assert got >= TARGETS[answer_type]
+    pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=MISSED[t])) if t in MISSED else t for t in TARGETS])
+def test_heldout_target(heldout_scores, answer_type):
+    """The issue's targets, on accuracy (and on balanced accuracy, the mean recall over the answers, for the
+    lesion questions), measured here on held-out items with the shipped weights."""
+    items, scores = heldout_scores[answer_type]
+    correct = np.array([s["correct"] for s in scores])
+    got = float(correct.mean())
+    if answer_type in BALANCED:
+        answers = np.array([it.answer for it in items])
+        got = min(got, float(np.mean([correct[answers == a].mean() for a in np.unique(answers)])))
+    assert got >= TARGETS[answer_type], f"{answer_type}: {got:.3f} on {len(items)} held-out items"
 
 
 def test_cli_uses_it_by_default():
-    from medqm.cli import _default_model
+    from medqm.cli import default_model
 
-    assert _default_model().resolve() == MODEL.resolve()
+    assert default_model().resolve() == MODEL.resolve()

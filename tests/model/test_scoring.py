@@ -141,3 +141,19 @@ def test_missing_default_checkpoint_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_prompt_bank_travels_with_the_checkpoint(checkpoint):
     assert (checkpoint / "prompts.txt").read_text().count("\n") > len(load_prompt_bank())
+
+
+def test_checkpoint_info_reads_the_folder_without_the_model(checkpoint, tmp_path):
+    import hashlib
+
+    from medqm.model import checkpoint_info
+
+    info = checkpoint_info(checkpoint)
+    assert info.path == checkpoint and info.meta["architecture"] == "medqm_i"
+    assert info.meta["config"]["img_size"] == IMG and info.meta["num_params"] > 0
+    assert info.weights_sha256 == hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    assert info.trained_on is None  # an untrained model records no training data
+    with pytest.raises(FileNotFoundError, match="not a MedQM-I checkpoint"):
+        checkpoint_info(tmp_path)
+    shipped = checkpoint_info()  # the shipped default records what it was trained on
+    assert shipped.path.name == "medqm-i-demo" and shipped.trained_on["quality_map"]["center"] > 0

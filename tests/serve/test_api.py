@@ -6,17 +6,21 @@ import base64
 import io
 import logging
 import math
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.data import get_testdata_file
-from serve_helpers import DEMO_PNG, LIMITS, make_config, png_bytes, png_header_only
+from serve_helpers import DEMO_PNG, LIMITS, LiveServer, make_config, png_bytes, png_header_only
 
 from medqm.label.quality import quality_to_loss
+from medqm.model import Scorer
 from medqm.serve import create_app
 
 CT = get_testdata_file("CT_small.dcm")
@@ -46,12 +50,14 @@ def _check_result(r: dict, thresholds: dict) -> None:
 def test_healthz_and_model_card(client, checkpoint):
     h = client.get("/healthz")
     assert h.status_code == 200 and h.json()["status"] == "ok"
+    assert h.json()["queued"] == 0 and h.json()["queue_capacity"] == 256
     card = client.get("/v1/model").json()
     assert card["model_id"] == h.json()["model_id"] and card["model_id"].startswith("medqm-i-serve-test@")
     assert card["img_size"] == 64 and card["runtime"] == "torch" and card["heatmaps"] is True
     assert card["thresholds"] == {"pass_min": 0.5, "review_min": 0.25}
     assert card["modality_thresholds"] == {"US": {"pass_min": 0.0, "review_min": 0.0}}
     assert card["limits"] == LIMITS and card["batching"]["enabled"] is True
+    assert card["batching"]["max_queue"] == 256 and card["batching"]["retry_after_s"] == 1
     assert card["quality_map"]["center"] == pytest.approx(math.log(2))
     assert card["architecture"] and card["num_params"] > 0
 
@@ -258,3 +264,70 @@ def test_batching_off_scores_one_image_per_forward_pass(checkpoint):
         assert resp.status_code == 200
         assert [r["timing"]["batch_size"] for r in resp.json()["results"]] == [1, 1, 1]
         assert c.get("/v1/model").json()["batching"]["enabled"] is False
+
+
+# --------------------------------------------------------------------------------------------------- backpressure
+
+
+class _HeldScorer:
+    """A real `Scorer` whose forward passes wait until ``release`` is set: fills the service's queue on cue."""
+
+    def __init__(self, scorer: Scorer):
+        self.scorer, self.entered, self.release = scorer, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
+
+    def score_pixels(self, images, **kw):
+        self.entered.set()
+        assert self.release.wait(60), "the test never released the scorer"
+        return self.scorer.score_pixels(images, **kw)
+
+
+def _wait_for_depth(client, depth: int) -> dict:
+    """``/healthz`` once the queue holds ``depth`` images (the requests are on their way: a condition, not a race)."""
+    deadline = time.monotonic() + 30
+    while (h := client.get("/healthz").json())["queued"] < depth:
+        assert time.monotonic() < deadline, f"the queue never reached {depth}: {h}"
+        time.sleep(0.01)
+    return h
+
+
+def _check_overloaded(resp, retry_after: int) -> None:
+    assert resp.status_code == 503 and resp.headers["retry-after"] == str(retry_after)
+    body = resp.json()
+    assert body["error"] == "overloaded" and f"retry after {retry_after} s" in body["detail"]
+    assert body["request_id"] == resp.headers["x-request-id"] and body["file"] is None
+
+
+def test_full_queue_answers_503_with_retry_after_then_recovers(checkpoint):
+    held = _HeldScorer(Scorer(checkpoint, runtime="torch", num_threads=1))
+    cfg = make_config(checkpoint, limits={**LIMITS, "max_files": 2},
+                      batching={"window_ms": 0, "max_batch": 1, "max_queue": 3, "retry_after_s": 7})
+    png = DEMO_PNG.read_bytes()
+    with (LiveServer(create_app(cfg, scorer=held)) as server, httpx.Client(base_url=server.url, timeout=60) as c,
+          ThreadPoolExecutor(4) as pool):
+        try:
+            first = pool.submit(_post, c, [("first.png", png)])
+            assert held.entered.wait(30)  # the worker holds the first image: the queue is empty, the model busy
+            waiting = [pool.submit(_post, c, [(f"q{i}.png", png)]) for i in range(2)]
+            h = _wait_for_depth(c, 2)
+            assert h["queued"] == 2 and h["queue_capacity"] == 3
+            # two images do not fit in the one place left: refused whole, after the upload is parsed
+            _check_overloaded(_post(c, [("a.png", png), ("b.png", png)]), 7)
+            waiting.append(pool.submit(_post, c, [("last.png", png)]))  # one does
+            h = _wait_for_depth(c, 3)
+            assert h["queued"] == 3 and h["queue_capacity"] == 3 and h["status"] == "ok"
+            _check_overloaded(_post(c, [("late.png", png)]), 7)  # a full queue: refused before parsing
+            assert c.get("/healthz").json()["queued"] == 3  # the refused requests left nothing behind
+        finally:
+            held.release.set()
+        assert [f.result(60).status_code for f in (first, *waiting)] == [200, 200, 200, 200]
+        again = _post(c, [("a.png", png), ("b.png", png)])
+        assert again.status_code == 200 and len(again.json()["results"]) == 2
+        assert c.get("/healthz").json()["queued"] == 0
+
+
+def test_openapi_documents_the_503(client):
+    responses = client.get("/openapi.json").json()["paths"]["/v1/score"]["post"]["responses"]
+    assert "503" in responses

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 
 from medqm.io import MedImage
 from medqm.model.scoring import QualityScore
-from medqm.serve import MicroBatcher, ServeConfig, Thresholds, load_config
+from medqm.serve import MicroBatcher, QueueFull, ServeConfig, Thresholds, load_config
 
 MEDQM = str(Path(sys.executable).with_name("medqm"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -64,17 +65,34 @@ def test_load_config_from_yaml_with_overrides(tmp_path):
         load_config(overrides={"limits": {"max_filez": 3}})
 
 
+def test_queue_bound_is_validated():
+    cfg = load_config(overrides={"batching": {"max_queue": 4, "retry_after_s": 3}, "limits": {"max_files": 4}})
+    assert cfg.batching.max_queue == 4 and cfg.batching.retry_after_s == 3
+    assert ServeConfig().batching.max_queue == 256 and ServeConfig().batching.retry_after_s == 1
+    with pytest.raises(ValidationError, match="max_queue .* must be at least limits.max_files"):
+        ServeConfig(batching={"max_queue": 4}, limits={"max_files": 5})
+    with pytest.raises(ValidationError):
+        ServeConfig(batching={"max_queue": 0})
+
+
 # --------------------------------------------------------------------------------------------------- micro-batching
 
 
 class _StubScorer:
-    """Records the batches it is given; an image whose first pixel is 1.0 makes its batch fail."""
+    """Records the batches it is given; an image whose first pixel is 1.0 makes its batch fail.
 
-    def __init__(self):
+    With ``held``, each forward pass sets ``entered`` and waits until ``release`` is set.
+    """
+
+    def __init__(self, held: bool = False):
         self.batch_size = 1
         self.calls: list[tuple[int, bool]] = []
+        self.held, self.entered, self.release = held, threading.Event(), threading.Event()
 
     def score_pixels(self, images, *, heatmaps=False):
+        if self.held:
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the scorer"
         self.calls.append((len(images), heatmaps))
         if any(im.pixels[0, 0] == 1.0 for im in images):
             raise RuntimeError("boom")
@@ -132,6 +150,34 @@ def test_one_failing_image_does_not_fail_its_batch():
         b.close()
 
 
+def test_batcher_queue_is_bounded_and_takes_a_request_whole_or_not_at_all():
+    scorer = _StubScorer(held=True)
+    b = MicroBatcher(scorer, window_ms=0, max_batch=1, max_queue=3)
+    b.start()
+    try:
+        first = b.submit(_img(0.1))
+        assert scorer.entered.wait(10)  # the worker took the first image and waits: the queue is empty again
+        assert b.queue_depth == 0 and b.max_queue == 3
+        queued = b.submit_all([_img(0.2), _img(0.3)])
+        with pytest.raises(QueueFull, match="2 image.* offered, 2 already waiting.*holds 3") as full:
+            b.submit_all([_img(0.4), _img(0.5)])
+        assert (full.value.offered, full.value.depth, full.value.capacity) == (2, 2, 3)
+        assert b.queue_depth == 2  # neither of the refused images was queued
+        queued.append(b.submit(_img(0.4)))
+        with pytest.raises(QueueFull):
+            b.submit(_img(0.5))
+    finally:
+        scorer.release.set()
+    try:
+        assert [f.result(10).score.quality for f in (first, *queued)] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+        assert b.submit(_img(0.5)).result(10).score.quality == pytest.approx(0.5)  # room again once drained
+        assert b.queue_depth == 0
+    finally:
+        b.close()
+    with pytest.raises(ValueError, match="max_queue"):
+        MicroBatcher(_StubScorer(), max_queue=0)
+
+
 def test_submit_needs_a_started_batcher():
     with pytest.raises(RuntimeError, match="start"):
         MicroBatcher(_StubScorer()).submit(_img(0.1))
@@ -158,7 +204,7 @@ def test_cli_serve_answers_on_its_port(checkpoint, tmp_path):
     cfg = tmp_path / "gate.json"
     cfg.write_text('{"thresholds": {"pass_min": 0.9, "review_min": 0.1}, "limits": {"max_files": 2}}')
     proc = subprocess.Popen([MEDQM, "serve", "--model", str(checkpoint), "--port", str(port), "--runtime", "torch",
-                             "--config", str(cfg), "--no-batching", "--threads", "1"],
+                             "--config", str(cfg), "--no-batching", "--threads", "1", "--max-queue", "20"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
@@ -173,6 +219,8 @@ def test_cli_serve_answers_on_its_port(checkpoint, tmp_path):
         card = httpx.get(url + "/v1/model").json()
         assert card["thresholds"] == {"pass_min": 0.9, "review_min": 0.1}
         assert card["limits"]["max_files"] == 2 and card["batching"]["enabled"] is False
+        assert card["batching"]["max_queue"] == 20
+        assert httpx.get(url + "/healthz").json()["queue_capacity"] == 20
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)

@@ -128,3 +128,33 @@ def test_cli_train_end_to_end(labels, tmp_path):
     cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["model"] == "medqm_i_no_queries" and cfg["fractions"] == [0.6, 0.2, 0.2] and cfg["seed"] == 1
     assert MedQMI.from_pretrained(out).cfg.use_implicit is False
+
+
+def test_warmup_cosine_schedule_values():
+    """Linear warm-up, then cosine to min_lr_ratio × lr, per group, from torch's LambdaLR; stepped per batch."""
+    import math
+
+    from medqm.train.trainer import warmup_cosine_schedule
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [w], "lr": 1e-3}, {"params": [b], "lr": 1e-4}], lr=1e-3)
+    total, warmup, floor = 20, 4, 0.01
+    sched = warmup_cosine_schedule(opt, total_steps=total, warmup_steps=warmup, min_lr_ratio=floor)
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    seen = []
+    for _ in range(total + 3):  # past the end the rate stays at the floor
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+
+    def expected(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / (total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    for step, lrs in enumerate(seen):
+        assert lrs == pytest.approx([1e-3 * expected(step), 1e-4 * expected(step)], rel=1e-12)
+    assert seen[0][0] == pytest.approx(2.5e-4) and seen[warmup][0] == pytest.approx(1e-3)
+    assert seen[total][0] == pytest.approx(1e-5) and seen[-1][0] == pytest.approx(1e-5)

@@ -4,18 +4,22 @@ from ._base import (
     N_LEVELS,
     Distortion,
     DistortionNotApplicable,
+    DistortionOutputError,
     DistortionResult,
     create_distortion,
     distort,
     list_distortions,
+    saturate,
 )
 
 __all__ = [
     "Distortion",
     "DistortionNotApplicable",
+    "DistortionOutputError",
     "DistortionResult",
     "N_LEVELS",
     "create_distortion",
     "distort",
     "list_distortions",
+    "saturate",
 ]

@@ -31,6 +31,19 @@ class DistortionNotApplicable(ValueError):
     """A distortion was asked for on a modality it does not model (e.g. k-space spikes on a fundus photo)."""
 
 
+class DistortionOutputError(RuntimeError):
+    """A distortion broke the output contract (same shape, finite, in [0, 1]): a bug in that distortion."""
+
+
+def saturate(pixels: np.ndarray) -> np.ndarray:
+    """Clip to the display range [0, 1], as a detector or display does with signal past its range.
+
+    Distortions call it explicitly where their physics leaves the range (noise, over-exposure, overshoot);
+    `Distortion.replay` then checks, and never repairs, the output.
+    """
+    return np.clip(pixels, 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class DistortionResult:
     pixels: np.ndarray
@@ -91,6 +104,11 @@ class Distortion:
     def apply(self, pixels: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         raise NotImplementedError
 
+    def display(self, out: np.ndarray) -> np.ndarray:
+        """The output of `apply` as shown: unchanged here. A distortion whose `apply` models the physics past
+        the display range (CT's window units) overrides this with `saturate`, saying why."""
+        return out
+
     # --- helpers ---------------------------------------------------------------------------------------
     def level_params(self, level: int) -> dict[str, Any]:
         if not isinstance(level, (int, np.integer)) or not 1 <= level <= N_LEVELS:
@@ -121,16 +139,33 @@ class Distortion:
         # signs) at every level, so severity changes only by the level table's magnitudes
         rng = np.random.default_rng([int(seed), _stable_hash(self.name)])
         params = self.sample(level, rng)
-        out = self.replay(pixels, params)
+        out = self.replay(pixels, params, level=int(level))
         return DistortionResult(out, self.name, int(level), int(seed), params)
 
-    def replay(self, pixels: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        """Apply recorded parameters; validates the output contract (finite, in [0,1], same shape)."""
+    def replay(self, pixels: np.ndarray, params: dict[str, Any], *, level: int | None = None) -> np.ndarray:
+        """Apply recorded parameters and check the output contract: same shape, finite, in [0, 1].
+
+        Nothing is repaired here: a distortion whose physics leaves the display range saturates explicitly
+        (`saturate` in its `apply` or `display`, with a comment saying why). ``level`` only names the level in the error.
+
+        Raises:
+            DistortionOutputError: the output breaks the contract; the message names the distortion, the
+                level and the parameters.
+        """
         pixels = np.asarray(pixels, dtype=np.float32)
-        out = np.asarray(self.apply(pixels, params), dtype=np.float32)
+        out = np.asarray(self.display(self.apply(pixels, params)), dtype=np.float32)
+        at = f" at level {level}" if level is not None else ""
+        where = f"distortion {self.name!r}{at} with parameters {params}"
         if out.shape != pixels.shape:
-            raise RuntimeError(f"distortion {self.name!r} changed the shape {pixels.shape} → {out.shape}")
-        out = np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+            raise DistortionOutputError(f"{where} changed the shape {pixels.shape} → {out.shape}")
+        finite = np.isfinite(out)
+        if not finite.all():
+            raise DistortionOutputError(f"{where} produced {int(out.size - finite.sum())} non-finite values "
+                                        "(NaN or ±inf); its output must be finite and in [0, 1]")
+        lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 1.0)
+        if lo < 0.0 or hi > 1.0:
+            raise DistortionOutputError(f"{where} produced values in [{lo:g}, {hi:g}], outside [0, 1]; a distortion "
+                                        "that saturates must clip its own output (`saturate`)")
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def __repr__(self):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Distortion, DistortionNotApplicable
+from ._base import Distortion, DistortionNotApplicable, saturate
 
 N_VIEWS = 180  # reference geometry: parallel beam, 1° steps over 180°
 PATH_ATTENUATION = 10.0  # line integral across the full image width at display value 1 above air
@@ -117,6 +117,11 @@ class CTDistortion(Distortion):
     family = "ct"
     modalities = ("CT",)
     color = False
+
+    def display(self, out: np.ndarray) -> np.ndarray:
+        # `apply` returns the reconstruction in window units, past black and white where the artifact is
+        # strong (metal far above the window); the display window saturates those, as a CT viewer does
+        return saturate(out)
 
 
 class CTLowDose(CTDistortion):

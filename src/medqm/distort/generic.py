@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 
-from ._base import Distortion
+from ._base import Distortion, saturate
 
 
 def _rng(params) -> np.random.Generator:
@@ -31,7 +31,8 @@ class GaussianNoise(Distortion):
     levels = ({"sigma": 0.01}, {"sigma": 0.03}, {"sigma": 0.06}, {"sigma": 0.10}, {"sigma": 0.16})
 
     def apply(self, pixels, params):
-        return pixels + _rng(params).normal(0.0, params["sigma"], pixels.shape).astype(np.float32)
+        # noise pushes pixels past the display range, which saturates
+        return saturate(pixels + _rng(params).normal(0.0, params["sigma"], pixels.shape).astype(np.float32))
 
 
 class PoissonNoise(Distortion):
@@ -42,7 +43,8 @@ class PoissonNoise(Distortion):
 
     def apply(self, pixels, params):
         lam = params["photons"]
-        return _rng(params).poisson(np.clip(pixels, 0, 1) * lam).astype(np.float32) / lam
+        # photon counts above the mean exceed full scale; the detector saturates
+        return saturate(_rng(params).poisson(np.clip(pixels, 0, 1) * lam).astype(np.float32) / lam)
 
 
 class GaussianBlur(Distortion):
@@ -53,7 +55,8 @@ class GaussianBlur(Distortion):
     def apply(self, pixels, params):
         import cv2
 
-        return cv2.GaussianBlur(pixels, (0, 0), sigmaX=params["sigma"], borderType=cv2.BORDER_REFLECT)
+        # a convex combination, in range up to float rounding (1 + 1e-7)
+        return saturate(cv2.GaussianBlur(pixels, (0, 0), sigmaX=params["sigma"], borderType=cv2.BORDER_REFLECT))
 
 
 class MotionBlur(Distortion):
@@ -77,7 +80,8 @@ class MotionBlur(Distortion):
         rot = cv2.getRotationMatrix2D((size / 2 - 0.5, size / 2 - 0.5), params["angle"], 1.0)
         kernel = cv2.warpAffine(kernel, rot, (size, size), flags=cv2.INTER_LINEAR)
         kernel /= kernel.sum()
-        return cv2.filter2D(pixels, -1, kernel, borderType=cv2.BORDER_REFLECT)
+        # a convex combination, in range up to float rounding (-5e-16)
+        return saturate(cv2.filter2D(pixels, -1, kernel, borderType=cv2.BORDER_REFLECT))
 
 
 def _codec(pixels: np.ndarray, fmt: str, **save_kwargs) -> np.ndarray:
@@ -120,7 +124,8 @@ class Downsample(Distortion):
         h, w = pixels.shape[:2]
         f = float(params["factor"])
         small = cv2.resize(pixels, (max(1, round(w / f)), max(1, round(h / f))), interpolation=cv2.INTER_AREA)
-        return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        # bicubic interpolation overshoots at edges (ringing past 0 and 1); the display saturates
+        return saturate(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC))
 
 
 class ContrastReduction(Distortion):
@@ -130,7 +135,8 @@ class ContrastReduction(Distortion):
 
     def apply(self, pixels, params):
         mean = pixels.mean(axis=(0, 1), keepdims=True)
-        return mean + params["k"] * (pixels - mean)
+        # in range by construction (k <= 1), up to float rounding
+        return saturate(mean + params["k"] * (pixels - mean))
 
 
 class Underexposure(Distortion):
@@ -139,7 +145,8 @@ class Underexposure(Distortion):
     levels = ({"s": 0.85, "b": 0.0}, {"s": 0.7, "b": 0.02}, {"s": 0.55, "b": 0.05}, {"s": 0.42, "b": 0.08}, {"s": 0.3, "b": 0.1})
 
     def apply(self, pixels, params):
-        return pixels * params["s"] - params["b"]
+        # dark pixels fall below black and are crushed there
+        return saturate(pixels * params["s"] - params["b"])
 
 
 class Overexposure(Distortion):
@@ -148,7 +155,8 @@ class Overexposure(Distortion):
     levels = ({"s": 1.04, "b": 0.01}, {"s": 1.15, "b": 0.04}, {"s": 1.35, "b": 0.08}, {"s": 1.6, "b": 0.14}, {"s": 2.0, "b": 0.2})
 
     def apply(self, pixels, params):
-        return pixels * params["s"] + params["b"]
+        # bright pixels burn out at white (the point of over-exposure)
+        return saturate(pixels * params["s"] + params["b"])
 
 
 class Gamma(Distortion):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Distortion
+from ._base import Distortion, saturate
 
 # --- helpers -----------------------------------------------------------------------------------------
 
@@ -123,7 +123,8 @@ class RicianNoise(MRDistortion):
         rng = np.random.default_rng(int(params["noise_seed"]))
         sigma = float(params["sigma"])
         n = rng.normal(0.0, sigma, (2,) + pixels.shape).astype(np.float32)
-        return np.hypot(pixels + n[0], n[1])
+        # the noise floor lifts bright pixels past white; the display saturates
+        return saturate(np.hypot(pixels + n[0], n[1]))
 
 
 # --- TorchIO k-space and bias-field transforms -------------------------------------------------------
@@ -191,7 +192,8 @@ class MRMotion(MRDistortion):
             copy=False,
         )
         out = _run_torchio(motion, img[None, :, None, :])[0, :, 0, :]
-        return _phase_last(out, int(params["phase_axis"]))
+        # k-space artifacts overshoot past white (magnitude images never go below 0); the display saturates
+        return saturate(_phase_last(out, int(params["phase_axis"])))
 
 
 class Ghosting(MRDistortion):
@@ -229,7 +231,8 @@ class Ghosting(MRDistortion):
             restore=float(params["restore"]),
             copy=False,
         )
-        return _run_torchio(ghosting, pixels[None, :, :, None])[0, :, :, 0]
+        # ghost copies add to bright tissue past white; the display saturates
+        return saturate(_run_torchio(ghosting, pixels[None, :, :, None])[0, :, :, 0])
 
 
 class Spike(MRDistortion):
@@ -267,7 +270,8 @@ class Spike(MRDistortion):
             intensity=float(params["intensity"]),
             copy=False,
         )
-        return _run_torchio(spike, pixels[None, :, :, None])[0, :, :, 0]
+        # the spike's stripes overshoot past white; the display saturates
+        return saturate(_run_torchio(spike, pixels[None, :, :, None])[0, :, :, 0])
 
 
 class BiasField(MRDistortion):
@@ -316,7 +320,8 @@ class BiasField(MRDistortion):
 
     def apply(self, pixels, params):
         bias = _tio("BiasField")(coefficients=list(params["coefficients"]), order=int(params["order"]), copy=False)
-        return _run_torchio(bias, pixels[None, :, :, None])[0, :, :, 0]
+        # the bias field brightens regions past white; the display saturates
+        return saturate(_run_torchio(bias, pixels[None, :, :, None])[0, :, :, 0])
 
 
 # --- hand-written k-space truncation and undersampling -----------------------------------------------
@@ -340,7 +345,8 @@ class GibbsRinging(MRDistortion):
             line = np.zeros(n, dtype=bool)
             line[lo : lo + keep] = True
             mask &= line.reshape([-1 if a == axis else 1 for a in range(2)])
-        return _magnitude(np.where(mask, spectrum, 0))
+        # ringing overshoots past white at edges; the display saturates
+        return saturate(_magnitude(np.where(mask, spectrum, 0)))
 
 
 class Undersampling(MRDistortion):
@@ -372,4 +378,5 @@ class Undersampling(MRDistortion):
         lo = n // 2 - n_center // 2
         lines[lo : lo + n_center] = True
         out = _magnitude(_kspace(img) * lines[None, :])
-        return _phase_last(out, int(params["phase_axis"]))
+        # k-space artifacts overshoot past white (magnitude images never go below 0); the display saturates
+        return saturate(_phase_last(out, int(params["phase_axis"])))

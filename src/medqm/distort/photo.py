@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Distortion
+from ._base import Distortion, saturate
 
 _PHOTO = ("PATH", "FUNDUS")
 
@@ -32,7 +32,8 @@ class _OpticalDensityShift(Distortion):
         od = -np.log(np.clip(pixels, 1e-3, 1))
         if pixels.ndim == 2:
             alpha, beta = alpha[:1], beta[:1]
-        return np.exp(-(od * (1 + alpha) + beta * 0.3))
+        # a negative density shift brightens past white; the camera saturates
+        return saturate(np.exp(-(od * (1 + alpha) + beta * 0.3)))
 
 
 class StainShift(_OpticalDensityShift):
@@ -77,7 +78,8 @@ class Defocus(Distortion):
         # anti-aliased disk: pixel coverage approximated by a 1-px ramp at the rim
         kernel = np.clip(r + 0.5 - np.hypot(yy, xx), 0, 1)
         kernel /= kernel.sum()
-        return cv2.filter2D(pixels, -1, kernel, borderType=cv2.BORDER_REFLECT)
+        # a convex combination, in range up to float rounding
+        return saturate(cv2.filter2D(pixels, -1, kernel, borderType=cv2.BORDER_REFLECT))
 
 
 class UnevenIllumination(Distortion):
@@ -109,4 +111,5 @@ class UnevenIllumination(Distortion):
         r2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / 0.5
         u = (xx - 0.5) * np.cos(params["direction"]) + (yy - 0.5) * np.sin(params["direction"])
         field = (1 - params["vignette"] * r2) * (1 + params["tilt"] * 2 * u)
-        return pixels * (field if pixels.ndim == 2 else field[..., None])
+        # the tilt brightens one side past white; the camera saturates
+        return saturate(pixels * (field if pixels.ndim == 2 else field[..., None]))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medqm import __version__
-from medqm._fs import atomic_path, write_parquet, write_records_csv
+from medqm._fs import atomic_path, write_json, write_parquet, write_records_csv
 from medqm.io import MedQMReadError
 from medqm.io.collection import load_manifest, read_collection_image
 
@@ -260,7 +260,7 @@ def run_plan(
         if previous.get("plan") != meta["plan"] or previous.get("collection") != meta["collection"]:
             raise ValueError(f"{out} holds the output of a different plan or collection; use another --out")
     else:
-        meta_path.write_text(json.dumps(meta, indent=2))
+        write_json(meta, meta_path)  # atomic: a crash never leaves a torn guard file
 
     _drop_torn_tail(out / "ledger.jsonl")
     done = read_ledger(out)

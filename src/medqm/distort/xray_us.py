@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import Distortion
+from ._base import Distortion, saturate
 
 _XRAY = ("XR", "MG")
 
@@ -25,7 +25,8 @@ class ScatterVeil(Distortion):
         import cv2
 
         low = cv2.GaussianBlur(pixels, (0, 0), sigmaX=40, borderType=cv2.BORDER_REFLECT)
-        return (1 - params["a"]) * pixels + params["a"] * (low + params["fog"])
+        # the fog lifts bright pixels past white; the detector saturates
+        return saturate((1 - params["a"]) * pixels + params["a"] * (low + params["fog"]))
 
 
 class GridLines(Distortion):
@@ -73,7 +74,8 @@ class Speckle(Distortion):
         # speckle grains span a few pixels (the resolution cell); smoothing lowers variance, so rescale it back
         sm = cv2.GaussianBlur(g, (0, 0), sigmaX=0.8)
         sm = 1 + (sm - sm.mean()) * (g.std() / max(sm.std(), 1e-6))
-        return pixels * (sm if pixels.ndim == 2 else sm[..., None])
+        # multiplicative speckle exceeds the display range both ways; the display saturates
+        return saturate(pixels * (sm if pixels.ndim == 2 else sm[..., None]))
 
 
 class GainShadow(Distortion):
@@ -106,4 +108,5 @@ class GainShadow(Distortion):
         lateral = np.exp(-0.5 * ((x - params["shadow_x"]) / (params["shadow_width"] / 2.355)) ** 2)
         below = np.clip((depth - params["shadow_top"]) / 0.05, 0, 1)
         field = gain * (1 - params["shadow_depth"] * lateral * below)
-        return pixels * (field if pixels.ndim == 2 else field[..., None])
+        # a positive gain ramp amplifies past white; the display saturates
+        return saturate(pixels * (field if pixels.ndim == 2 else field[..., None]))

@@ -1,6 +1,22 @@
 """Evaluation of quality scores: classical no-reference baselines, agreement metrics with case-level
-uncertainty, and `evaluate` — MedQM-I against classical and deep BIQA on the same held-out images, with a report.
+uncertainty (re-exported from `medqm.metrics`), and `evaluate` — MedQM-I against classical and deep BIQA on
+the same held-out images, with a report (`medqm.evaluate.report`).
 """
+
+from medqm.metrics import (
+    CaseBootstrap,
+    LogisticFit,
+    agreement,
+    bootstrap_agreement,
+    compare_srcc,
+    fit_logistic,
+    krcc,
+    logistic4,
+    paired_bootstrap_srcc,
+    plcc_raw,
+    srcc,
+    williams_t,
+)
 
 from .baselines import (
     Baseline,
@@ -11,20 +27,7 @@ from .baselines import (
     list_baselines,
     score_images,
 )
-from .metrics import (
-    CaseBootstrap,
-    LogisticFit,
-    agreement,
-    bootstrap_agreement,
-    compare_srcc,
-    fit_logistic,
-    krcc,
-    logistic4,
-    paired_bootstrap_srcc,
-    plcc,
-    srcc,
-    williams_t,
-)
+from .report import HEADLINE_HEADER, headline_rows
 from .runner import EvalConfig, EvalResult, evaluate
 
 __all__ = [
@@ -44,10 +47,12 @@ __all__ = [
     "krcc",
     "logistic4",
     "paired_bootstrap_srcc",
-    "plcc",
+    "plcc_raw",
     "srcc",
     "williams_t",
     "EvalConfig",
     "EvalResult",
     "evaluate",
+    "HEADLINE_HEADER",
+    "headline_rows",
 ]

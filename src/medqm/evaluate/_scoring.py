@@ -281,15 +281,15 @@ def score_baselines(paths: Sequence[str], names: Sequence[str], cache_dir: str |
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_quiet_worker) as pool:
+                                 initializer=quiet_worker) as pool:
             futures = [pool.submit(_score_chunk, c, names) for c in chunks]
             for f in as_completed(futures):
                 record(f.result())
     return pd.DataFrame([found[p] for p in paths], columns=names + ["error"])
 
 
-def _quiet_worker() -> None:
-    # one BLAS thread per worker process: the workers are the parallelism
+def quiet_worker() -> None:
+    """Process-pool initializer: one BLAS thread per worker process (the workers are the parallelism)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
 
@@ -306,14 +306,20 @@ def checkpoint_digest(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_info(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """What the report says about a checkpoint: variant, parameters, what it was trained on."""
+def checkpoint_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """What the report says about a checkpoint: variant, parameters, what it was trained on.
+
+    Built on `medqm.model.checkpoint_info` (which reads the folder without loading the weights).
+    """
+    from medqm.model import checkpoint_info
+
     d = Path(model_dir)
-    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    info = checkpoint_info(d)
+    cfg = info.meta
     inner = cfg.get("config", {})
     meta = inner.get("meta", {}) or {}
     return {"path": str(d.resolve()), "variant": meta.get("variant") or cfg.get("architecture"),
-            "num_params": cfg.get("num_params"), "trained_on": meta.get("trained_on"),
+            "num_params": cfg.get("num_params"), "trained_on": info.trained_on,
             "use_priors": inner.get("use_priors"), "use_implicit": inner.get("use_implicit"), "head": inner.get("head"),
             "digest": checkpoint_digest(d)}
 
@@ -416,5 +422,5 @@ def heatmap_gallery(model_dir: str | os.PathLike, rows, *, n: int = 8, device: s
     return out
 
 
-__all__ = ["TestSet", "load_test_set", "checkpoint_split", "score_baselines", "score_checkpoint", "checkpoint_info",
-           "checkpoint_digest", "heatmap_gallery"]
+__all__ = ["TestSet", "load_test_set", "checkpoint_split", "score_baselines", "score_checkpoint", "checkpoint_summary",
+           "checkpoint_digest", "heatmap_gallery", "quiet_worker"]

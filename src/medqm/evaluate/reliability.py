@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from medqm.label.reliability import severity_monotonicity
-
-from .metrics import CaseBootstrap, agreement, bootstrap_agreement
+from medqm.metrics import CaseBootstrap, agreement, bootstrap_agreement
 
 __all__ = ["distortion_oracle", "label_reliability", "describe_reliability", "severity_monotonicity"]
 

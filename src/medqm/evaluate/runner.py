@@ -1,9 +1,9 @@
 """`medqm evaluate`: MedQM-I against classical and deep BIQA on the same held-out images, and the report.
 
 One call scores every method on the labelled images of the main checkpoint's test cases, measures agreement
-with the labels (`medqm.evaluate.metrics`), tests MedQM-I against the best baseline, runs the alignment study
-(how far NIQE, BRISQUE and PIQE agree with MLLM-oriented labels) and writes ``metrics.json``, ``report.md``
-and a self-contained ``report.html`` (see `medqm.evaluate._report`).
+with the labels (`medqm.metrics`), tests MedQM-I against the best baseline, runs the alignment study
+(how far NIQE, BRISQUE and PIQE agree with MLLM-oriented labels) and writes ``report.md``, a self-contained
+``report.html`` (see `medqm.evaluate.report`) and, last and once, ``metrics.json``.
 
 Nothing is tuned on the test split: the baselines have no parameters to tune, the deep models are loaded as
 trained, and lower-is-better scores are only sign-flipped. The one fitted thing is the VQEG logistic before
@@ -24,17 +24,20 @@ from typing import Any
 
 import numpy as np
 
+from medqm.metrics import CaseBootstrap, agreement, bootstrap_agreement, compare_srcc, srcc
+
 from ._scoring import (
     TestSet,
-    checkpoint_info,
+    checkpoint_summary,
     checkpoint_split,
     heatmap_gallery,
     load_test_set,
+    quiet_worker,
     score_baselines,
     score_checkpoint,
 )
 from .baselines import baseline_info, list_baselines
-from .metrics import CaseBootstrap, agreement, bootstrap_agreement, compare_srcc, srcc
+from .report import write_report
 
 CLASSICAL_REFERENCE = ("niqe", "brisque", "piqe")  # the human-perception BIQA of the alignment study
 GROUPS = {"by_modality": "modality", "by_type": "type", "by_level": "level"}
@@ -221,10 +224,8 @@ def _all_method_metrics(methods: list[Method], rows, cases: np.ndarray, boot: Ca
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from ._scoring import _quiet_worker
-
     with ProcessPoolExecutor(max_workers=min(cfg.workers, len(methods)), mp_context=mp.get_context("spawn"),
-                             initializer=_quiet_worker) as pool:
+                             initializer=quiet_worker) as pool:
         futures = {m.name: pool.submit(_method_metrics, m, rows, cases, boot, cfg) for m in methods}
         return {n: f.result() for n, f in futures.items()}
 
@@ -384,27 +385,57 @@ def _severity_curves(methods: dict[str, Method], rows, names: Sequence[str]) -> 
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] | None = print,
-             progress: Callable[[str, int, int], None] | None = None) -> EvalResult:
-    """Score every method on the test images, measure, test, and write the report into ``cfg.out``."""
-    from ._report import write_report
+Say = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
 
+
+def evaluate(cfg: EvalConfig, *, log: Say | None = print, progress: Progress | None = None) -> EvalResult:
+    """Score every method on the test images, measure, test, and write the report into ``cfg.out``.
+
+    ``metrics.json`` is written once, after the report, with the final timings.
+    """
     say = log or (lambda _m: None)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "cache"
+
+    split_file, table, test, compare, verified = _load(cfg, say)
+    timing["load"] = time.perf_counter() - t0
+    methods = _score_methods(cfg, test.rows["path"].tolist(), compare, verified, out / "cache", timing, say, progress)
+
+    t = time.perf_counter()
+    per, sig, alignment, reliability, curves = _measure(cfg, methods, table, test.rows, split_file)
+    timing["metrics"] = time.perf_counter() - t
+    say(f"metrics and {cfg.n_boot} case-bootstrap replicates in {timing['metrics']:.1f} s")
+
+    t = time.perf_counter()
+    metrics = _assemble(cfg, table, test, compare, methods, per, sig, alignment, reliability, curves, timing)
+    gallery = heatmap_gallery(cfg.model, test.rows, n=cfg.gallery, device=cfg.device, runtime=cfg.runtime,
+                              num_threads=cfg.num_threads) if cfg.gallery else []
+    all_labels = table["quality"].dropna().to_numpy(dtype=np.float64)
+    timing["report"] = 0.0
+    timing["total"] = time.perf_counter() - t0
+    files = write_report(metrics, test.rows, methods, out, gallery=gallery, all_labels=all_labels)
+    timing["report"] = time.perf_counter() - t
+    timing["total"] = time.perf_counter() - t0
+    files["metrics.json"] = out / "metrics.json"
+    _write_json(metrics, files["metrics.json"])  # the one write, with the final timings
+    say(f"report written to {out} in {timing['total']:.1f} s")
+    return EvalResult(metrics, out, files, methods, test)
+
+
+def _load(cfg: EvalConfig, say: Say):
+    """The label table, the test set of the main checkpoint's split, the other checkpoints and whether each
+    provably never saw a test case: (split_file, table, test, compare, verified)."""
+    from medqm.label import read_labels
 
     split_file = cfg.split_file or checkpoint_split(cfg.model)
     if split_file is None:
         raise FileNotFoundError(f"{cfg.model} has no split.csv; pass the split it was trained with (--split FILE)")
-    from medqm.label import read_labels
-
     table = read_labels(cfg.labels)
     test = load_test_set(table, split_file, max_images=cfg.max_images, seed=cfg.seed)
-    rows = test.rows
-    test_cases = set(rows["case_id"])
+    test_cases = set(test.rows["case_id"])
     compare = resolve_compare(cfg.compare, cfg.model, cfg.name)
     verified = {cfg.name: _check_unseen(cfg.name, Path(cfg.model), test_cases)}
     for n, d in compare.items():
@@ -412,20 +443,23 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] | None = print,
     say(f"test set: {test.info['n_images']} images of {test.info['n_cases']} cases"
         + (f" (case-stratified sample of {test.info['n_usable']})" if test.info["sampled"] else "")
         + f"; methods: {cfg.name}, {len(compare)} other checkpoint(s), {len(cfg.baselines)} classical")
-    timing["load"] = time.perf_counter() - t0
+    return split_file, table, test, compare, verified
 
-    paths = rows["path"].tolist()
+
+def _score_methods(cfg: EvalConfig, paths: list[str], compare: dict[str, Path], verified: dict[str, bool],
+                   cache: Path, timing: dict[str, float], say: Say, progress: Progress | None) -> list[Method]:
+    """Scores of the main checkpoint, the other checkpoints and the classical baselines, in that order."""
     t = time.perf_counter()
-    methods: list[Method] = []
     base = score_baselines(paths, cfg.baselines, cache, workers=cfg.workers, progress=progress)
     timing["baselines"] = time.perf_counter() - t
     say(f"classical baselines: {len(paths)} images in {timing['baselines']:.1f} s ({cfg.workers} worker(s))")
     t = time.perf_counter()
+    methods: list[Method] = []
     deep: list[tuple[str, str, Path]] = [(cfg.name, "main", Path(cfg.model))] + [(n, "deep", d) for n, d in compare.items()]
     for n, kind, d in deep:
         scores = score_checkpoint(d, paths, cache, name=n, batch_size=cfg.batch_size, device=cfg.device,
                                   runtime=cfg.runtime, num_threads=cfg.num_threads, progress=progress)
-        info = checkpoint_info(d)
+        info = checkpoint_summary(d)
         info["split_verified"] = verified[n]
         info["n_failed"] = int(scores["quality"].isna().sum())
         methods.append(Method(n, kind, scores["quality"].to_numpy(dtype=np.float64), False, info))
@@ -435,46 +469,57 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] | None = print,
         bi = baseline_info(b)
         methods.append(Method(b, "classical", base[b].to_numpy(dtype=np.float64), bi.lower_better,
                               {"description": bi.description, "n_failed": int(base[b].isna().sum())}))
-    by_name = {m.name: m for m in methods}
+    return methods
 
-    t = time.perf_counter()
+
+def _measure(cfg: EvalConfig, methods: list[Method], table, rows, split_file):
+    """Every number of the report: (per-method metrics, significance, alignment, label reliability, severity curves)."""
+    from medqm.train import load_split
+
+    from .reliability import describe_reliability, label_reliability
+
+    by_name = {m.name: m for m in methods}
     cases = rows["case_id"].to_numpy()
     boot = CaseBootstrap(cases, cfg.n_boot, cfg.seed)
     per = _all_method_metrics(methods, rows, cases, boot, cfg)
-    y = rows["quality"].to_numpy(dtype=np.float64)
+    sig = _significance(cfg, methods, per, rows["quality"].to_numpy(dtype=np.float64), boot)
+    alignment = _alignment(by_name, per, rows, cfg.name, sig, cfg)
+    reliability = label_reliability(table, load_split(split_file), rows, n_boot=cfg.n_boot, seed=cfg.seed,
+                                    level=cfg.level)
+    reliability.pop("pred")
+    reliability["text"] = describe_reliability(reliability, cfg.name, per[cfg.name]["overall"].get("srcc"))
+    curves = _severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
+    return per, sig, alignment, reliability, curves
+
+
+def _significance(cfg: EvalConfig, methods: list[Method], per: dict[str, dict], y: np.ndarray,
+                  boot: CaseBootstrap) -> dict[str, Any]:
+    """The best baselines by SRCC, and the main model tested against every other method."""
+    main = next(m for m in methods if m.name == cfg.name)
     others = [m for m in methods if m.kind != "main"]
 
     def best(pool):
         pool = [m for m in pool if np.isfinite(per[m.name]["overall"].get("srcc", np.nan))]
         return max(pool, key=lambda m: per[m.name]["overall"]["srcc"]).name if pool else None
 
-    sig = {"reference": cfg.name, "best_baseline": best(others),
-           "best_classical": best([m for m in others if m.kind == "classical"]),
-           "best_deep_baseline": best([m for m in others if m.kind == "deep"]),
-           "primary_test": "paired case bootstrap of the SRCC difference (two-sided)",
-           "secondary_test": "Williams' t on Spearman correlations (images treated as independent)",
-           "tests": {m.name: compare_srcc(by_name[cfg.name].aligned, m.aligned, y, boot, level=cfg.level)
-                     for m in others}}
-    alignment = _alignment(by_name, per, rows, cfg.name, sig, cfg)
-    from medqm.train import load_split
+    return {"reference": cfg.name, "best_baseline": best(others),
+            "best_classical": best([m for m in others if m.kind == "classical"]),
+            "best_deep_baseline": best([m for m in others if m.kind == "deep"]),
+            "primary_test": "paired case bootstrap of the SRCC difference (two-sided)",
+            "secondary_test": "Williams' t on Spearman correlations (images treated as independent)",
+            "tests": {m.name: compare_srcc(main.aligned, m.aligned, y, boot, level=cfg.level) for m in others}}
 
-    from .reliability import describe_reliability, label_reliability
 
-    reliability = label_reliability(table, load_split(split_file), rows, n_boot=cfg.n_boot, seed=cfg.seed,
-                                    level=cfg.level)
-    reliability.pop("pred")
-    reliability["text"] = describe_reliability(reliability, cfg.name, per[cfg.name]["overall"].get("srcc"))
-    curves = _severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
-    timing["metrics"] = time.perf_counter() - t
-    say(f"metrics and {cfg.n_boot} case-bootstrap replicates in {timing['metrics']:.1f} s")
-
+def _assemble(cfg: EvalConfig, table, test: TestSet, compare: dict[str, Path], methods: list[Method],
+              per: dict[str, dict], sig: dict, alignment: dict, reliability: dict, curves: dict,
+              timing: dict[str, float]) -> dict[str, Any]:
+    """The metrics.json document (``timing`` is the live dict, filled in until it is written)."""
     from medqm import __version__
 
-    t = time.perf_counter()
     label_meta = table.attrs.get("medqm", {})
     settings = asdict(cfg)
     settings["compare"] = {n: str(d) for n, d in compare.items()}
-    metrics = {
+    return {
         "medqm_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "labels": {"path": str(Path(cfg.labels).resolve()), "model_id": label_meta.get("model_id"),
@@ -489,17 +534,6 @@ def evaluate(cfg: EvalConfig, *, log: Callable[[str], None] | None = print,
         "severity_curves": curves,
         "timing": timing,
     }
-    gallery = heatmap_gallery(cfg.model, rows, n=cfg.gallery, device=cfg.device, runtime=cfg.runtime,
-                              num_threads=cfg.num_threads) if cfg.gallery else []
-    all_labels = table["quality"].dropna().to_numpy(dtype=np.float64)
-    timing["report"] = 0.0
-    timing["total"] = time.perf_counter() - t0
-    files = write_report(metrics, rows, methods, out, gallery=gallery, all_labels=all_labels)
-    timing["report"] = time.perf_counter() - t
-    timing["total"] = time.perf_counter() - t0
-    _write_json(metrics, files["metrics.json"])  # again, with the final timings
-    say(f"report written to {out} in {timing['total']:.1f} s")
-    return EvalResult(metrics, out, files, methods, test)
 
 
 def _jsonable(obj):

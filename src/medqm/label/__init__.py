@@ -1,26 +1,40 @@
 """MedQM-D: label image quality by an MLLM's diagnostic loss (teacher-forced answer NLL) and a sigmoid map."""
 
 from ._protocol import DiagnosticModel
-from .quality import DEFAULT_MAP, QualityMap, diagnostic_loss, likelihood_ratio, loss_to_quality, quality_to_loss
+from .quality import (
+    DEFAULT_MAP,
+    QualityMap,
+    diagnostic_loss,
+    likelihood_ratio,
+    loss_to_quality,
+    quality_to_loss,
+)
 from .runner import read_labels, run_labels
-from .tasks import VQAItem, demo_questions, read_slake, read_tasks, read_vqa_rad, write_tasks
+from .tasks import (
+    VQAItem,
+    demo_questions,
+    read_slake,
+    read_tasks,
+    read_vqa_rad,
+    write_tasks,
+)
 
 __all__ = [
+    "DEFAULT_MAP",
     "DiagnosticModel",
     "QualityMap",
-    "DEFAULT_MAP",
+    "VQAItem",
+    "demo_questions",
     "diagnostic_loss",
+    "likelihood_ratio",
     "loss_to_quality",
     "quality_to_loss",
-    "likelihood_ratio",
-    "run_labels",
     "read_labels",
-    "VQAItem",
-    "read_tasks",
-    "write_tasks",
-    "read_vqa_rad",
     "read_slake",
-    "demo_questions",
+    "read_tasks",
+    "read_vqa_rad",
+    "run_labels",
+    "write_tasks",
 ]
 
 

@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
-__all__ = ["AnswerScores", "HFDiagnosticModel", "load_model"]
+__all__ = ["AnswerScores", "HFDiagnosticModel", "load_model", "save_quietly", "to_pil"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class _Encoded:
     n_tokens: np.ndarray  # (B,)
 
 
-def _to_pil(image: np.ndarray, index: int) -> Image.Image:
+def to_pil(image: np.ndarray, index: int) -> Image.Image:
     """Float display pixels in [0, 1] (H×W, H×W×1 or H×W×3) -> 8-bit RGB, grey replicated to three channels."""
     from PIL import Image
 
@@ -354,7 +354,7 @@ class HFDiagnosticModel:
             if not isinstance(q, str):
                 raise TypeError(f"questions[{i}] must be a str, got {type(q).__name__}")
         clean = [self._clean_answer(a, i) for i, a in enumerate(answers)]
-        pils = [_to_pil(im, i) for i, im in enumerate(images)]
+        pils = [to_pil(im, i) for i, im in enumerate(images)]
         splits = [self._split(q, a) for q, a in zip(questions, clean)]
         # longest first, so that a batch holds similar lengths (image tokens vary with size for some families)
         order = sorted(range(n), key=lambda i: -(len(splits[i][0]) + 4 * len(splits[i][1])))
@@ -496,3 +496,19 @@ def model_identity(name_or_path: str | Path) -> ModelIdentity:
 
     commit = getattr(AutoConfig.from_pretrained(text), "_commit_hash", None)
     return ModelIdentity(text, str(commit) if commit else "unknown")
+
+
+def save_quietly(model, processor, out: str | Path) -> Path:
+    """``save_pretrained`` model and processor into ``out`` without HF's progress bars (for a 1-shard, MB-sized
+    model the "Writing model shards" bars are noise)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return Path(out)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from medqm import __version__
-from medqm._fs import atomic_path, write_parquet, write_records_csv
+from medqm._fs import write_json, write_parquet, write_records_csv
 from medqm.io import MedQMReadError, read_image
 
 from ._protocol import DiagnosticModel
@@ -231,7 +231,7 @@ def run_labels(
             changed = sorted(k for k in config if old.get(k) != config[k])
             raise ValueError(f"{out} holds labels made with a different configuration ({', '.join(changed)}); use another --out")
     else:
-        cfg_path.write_text(json.dumps(config, indent=2))
+        write_json(config, cfg_path)
 
     shards = [refs[i : i + shard_size] for i in range(0, len(refs), shard_size)]
     per_shard = [sum(len(r.distortions) + int(include_references) for r in s) for s in shards]
@@ -260,7 +260,7 @@ def run_labels(
                               quality_map=quality_map, include_references=include_references)
             shard_errors = [e for e in block_errors if e["dist_id"] in dist_ids]
             if shard_errors:
-                _atomic_json(shard_errors, out / "shards" / f"errors-{i:05d}.json")
+                write_json(shard_errors, out / "shards" / f"errors-{i:05d}.json", indent=None)
             _atomic_parquet(rows, LABEL_COLUMNS, _shard_path(out, i))
             done += per_shard[i]
             if progress:
@@ -274,13 +274,8 @@ def run_labels(
         from .reliability import severity_monotonicity
 
         mono = severity_monotonicity(table.to_pandas())
-        _atomic_json({"severity_monotonicity": mono}, out / "reliability.json")
+        write_json({"severity_monotonicity": mono}, out / "reliability.json", indent=None)
     return LabelSummary(out, len(shards), len(done_before), table.num_rows, errors, mono)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj))
 
 
 def _shard_path(out: Path, i: int) -> Path:

@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from medqm._fs import atomic_path
+from medqm.synth.quadrants import QUADRANTS, image_quadrant
+
 
 @dataclass
 class VQAItem:
@@ -217,8 +220,7 @@ def write_tasks(items: Iterable[VQAItem], path: str | Path) -> Path:
         d = asdict(it)
         d["image"] = _relative_image(it.image, folder)
         recs.append(d)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         if suffix == ".csv":
             wr = csv.DictWriter(f, fieldnames=list(FIELDS))
             wr.writeheader()
@@ -234,7 +236,6 @@ def write_tasks(items: Iterable[VQAItem], path: str | Path) -> Path:
                 if not d["meta"]:
                     del d["meta"]
                 f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -376,18 +377,7 @@ MODALITY_WORDS = {
 BODY_PART_SYNONYMS = {"brain": "head"}  # an MR of the brain and a CT of the head answer alike
 PLANES = ["axial", "coronal", "sagittal"]
 VIEWS = ["AP", "PA"]
-QUADRANTS = ["upper left", "upper right", "lower left", "lower right"]
 ANSWER_TYPES = ("modality", "body_part", "plane", "lesion_present", "lesion_quadrant")
-
-
-def image_quadrant(row: float, col: float, shape) -> str:
-    """Quadrant of a point in image coordinates (row down, col right; not patient anatomy: radiological
-    display puts the patient's right on the image's left). 'upper' when ``row < (H-1)/2`` (the top half of
-    the pixel rows), 'left' when ``col < (W-1)/2``; a point exactly on a midline goes lower / right."""
-    H, W = shape[:2]
-    v = "upper" if row < (H - 1) / 2 else "lower"
-    h = "left" if col < (W - 1) / 2 else "right"
-    return f"{v} {h}"
 
 
 def mask_quadrant(mask) -> str | None:
@@ -460,7 +450,7 @@ def demo_questions(collection, *, lesions: bool = True) -> list[VQAItem]:
     """Diagnostic questions for every image of one or more collections, from their manifests and masks.
 
     ``collection`` is a collection folder (with ``manifest.csv``), a list of them (e.g. ``data/demo`` and a
-    lesion set from `medqm.label.lesions.make_lesion_set`), or a manifest DataFrame (``load_manifest``'s,
+    lesion set from `medqm.synth.make_lesion_set`), or a manifest DataFrame (``load_manifest``'s,
     or several concatenated; needs ``abs_path``). Per image, in this order (answer_type: question):
 
     - ``modality``: "What imaging modality is this?" — always; answer in words (`MODALITY_WORDS`: 'CT',
@@ -527,6 +517,22 @@ def demo_questions(collection, *, lesions: bool = True) -> list[VQAItem]:
     return items
 
 
-__all__ = ["VQAItem", "TaskFileError", "read_tasks", "write_tasks", "read_vqa_rad", "read_slake", "demo_questions",
-           "image_quadrant", "mask_quadrant", "QUESTION_TEMPLATES", "MODALITY_WORDS", "BODY_PART_SYNONYMS", "PLANES",
-           "VIEWS", "QUADRANTS", "YES_NO", "ANSWER_TYPES"]
+__all__ = [
+    "ANSWER_TYPES",
+    "BODY_PART_SYNONYMS",
+    "MODALITY_WORDS",
+    "PLANES",
+    "QUADRANTS",
+    "QUESTION_TEMPLATES",
+    "VIEWS",
+    "YES_NO",
+    "TaskFileError",
+    "VQAItem",
+    "demo_questions",
+    "image_quadrant",
+    "mask_quadrant",
+    "read_slake",
+    "read_tasks",
+    "read_vqa_rad",
+    "write_tasks",
+]

@@ -8,7 +8,18 @@ ablations), load a trained checkpoint folder with `MedQMI.from_pretrained`, and 
 from ._registry import create_model, is_model, list_models, model_default_cfg, register_model
 from .medqm_i import ABLATIONS, GatedMoE, ImplicitQueries, MedQMI, MedQMIConfig, Router, TextualPriors, default_cfgs
 from .priors import PromptBank, embed_sentences, list_prompt_banks, load_prompt_bank
-from .scoring import QualityScore, Scorer, default_checkpoint, heatmap_to_image, load_model, preprocess, score, write_scores
+from .scoring import (
+    CheckpointInfo,
+    QualityScore,
+    Scorer,
+    checkpoint_info,
+    default_checkpoint,
+    heatmap_to_image,
+    load_model,
+    preprocess,
+    score,
+    write_scores,
+)
 
 __all__ = [
     "create_model",
@@ -35,5 +46,7 @@ __all__ = [
     "heatmap_to_image",
     "load_model",
     "default_checkpoint",
+    "checkpoint_info",
+    "CheckpointInfo",
     "write_scores",
 ]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medqm._fs import atomic_path, write_json
+
 ONNX_NAME = "model.onnx"
 OPSET = 18
 
@@ -76,11 +78,9 @@ def export_onnx(model, path: str | os.PathLike) -> Path:
     m = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     graph = _Graph(m).eval()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     S = model.cfg.img_size
     x = torch.rand(2, 3, S, S)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_path(path) as tmp:  # a reader never sees half a graph
         warnings.simplefilter("ignore")
         try:  # the torch.export-based exporter (needs onnxscript) gives the faster graph
             torch.onnx.export(graph, (x,), str(tmp), input_names=["pixels"], output_names=names, opset_version=OPSET,
@@ -89,7 +89,6 @@ def export_onnx(model, path: str | os.PathLike) -> Path:
         except Exception:
             torch.onnx.export(graph, (x,), str(tmp), input_names=["pixels"], output_names=names, opset_version=OPSET,
                               dynamo=False, dynamic_axes={n: {0: "batch"} for n in ["pixels", *names]})
-    os.replace(tmp, path)
     return path
 
 
@@ -145,8 +144,8 @@ def save_onnx(model, checkpoint_dir: str | os.PathLike) -> Path:
     p = export_onnx(model, d / ONNX_NAME)
     import torch
 
-    (d / "model.onnx.json").write_text(json.dumps({"weights_sha256": weights_digest(model), "opset": OPSET,
-                                                   "torch": torch.__version__}, indent=1) + "\n")
+    write_json({"weights_sha256": weights_digest(model), "opset": OPSET, "torch": torch.__version__},
+               d / "model.onnx.json", indent=1)
     return p
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from medqm._fs import file_sha256
 from medqm.io import MedImage, ReadFailure, iter_images, resize_pad
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -116,6 +117,36 @@ def default_checkpoint() -> Path:
             "(--model DIR / model=DIR), e.g. one written by `medqm train --labels LABELS --out runs/NAME`"
         )
     return path
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint folder says about itself, read without loading the model.
+
+    Attributes:
+        path: the checkpoint folder.
+        meta: its ``config.json``: ``architecture``, ``medqm_version``, ``num_params``, ``config`` (the model
+            settings, with ``meta.trained_on`` when the trainer recorded it)…
+        weights_sha256: hex SHA-256 of ``model.safetensors``: identifies the weights.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    weights_sha256: str
+
+    @property
+    def trained_on(self) -> dict[str, Any] | None:
+        """What the model was trained on (labels, quality map…), as the trainer recorded it; None if not recorded."""
+        return (self.meta.get("config", {}).get("meta") or {}).get("trained_on")
+
+
+def checkpoint_info(model: str | os.PathLike | None = None) -> CheckpointInfo:
+    """The `CheckpointInfo` of a checkpoint folder (None: the shipped default), without loading the weights."""
+    path = Path(model) if model is not None else default_checkpoint()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: not a MedQM-I checkpoint folder (no config.json)")
+    return CheckpointInfo(path, json.loads(cfg.read_text(encoding="utf-8")), file_sha256(path / "model.safetensors"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -380,4 +411,5 @@ def score(x, *, model=None, heatmaps: bool = False, batch_size: int = 32, device
 
 
 __all__ = ["Scorer", "QualityScore", "Letterbox", "score", "preprocess", "heatmap_to_image", "heatmap_overlay",
-           "load_model", "default_checkpoint", "write_scores", "CHECKPOINT_DIR", "DEFAULT_CHECKPOINT"]
+           "load_model", "default_checkpoint", "checkpoint_info", "CheckpointInfo", "write_scores", "CHECKPOINT_DIR",
+           "DEFAULT_CHECKPOINT"]

@@ -14,7 +14,7 @@ if _missing:
     raise ImportError(f"medqm.serve needs {', '.join(_missing)}: pip install 'medqm[serve]'")
 
 from ._app import SCORE_PATH, GateError, create_app, run  # noqa: E402
-from ._batching import MicroBatcher, Scored  # noqa: E402
+from ._batching import MicroBatcher, QueueFull, Scored  # noqa: E402
 from ._config import Batching, Limits, ServeConfig, Thresholds, load_config  # noqa: E402
 from ._schemas import DiagnosticLoss, ErrorResponse, Health, ImageResult, ImageTiming, ModelCard, ScoreResponse  # noqa: E402
 
@@ -27,6 +27,7 @@ __all__ = [
     "Batching",
     "load_config",
     "MicroBatcher",
+    "QueueFull",
     "Scored",
     "GateError",
     "SCORE_PATH",

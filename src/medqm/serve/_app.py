@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
-import json
 import logging
 import math
 import re
@@ -14,6 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -26,9 +25,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from medqm import __version__
 from medqm.io import MedImage, MedQMReadError, MedQMUnsupportedFormatError, canonical_modality, read_image, sniff_format
 from medqm.label.quality import DEFAULT_MAP, QualityMap
-from medqm.model.scoring import Scorer, default_checkpoint, heatmap_overlay
+from medqm.model import Scorer, checkpoint_info
+from medqm.model.scoring import heatmap_overlay
 
-from ._batching import MicroBatcher, Scored
+from ._batching import MicroBatcher, QueueFull, Scored
 from ._config import ServeConfig
 from ._schemas import DiagnosticLoss, ErrorResponse, Health, ImageResult, ImageTiming, ModelCard, ScoreResponse
 
@@ -44,14 +44,16 @@ _DRAIN_BYTES = 64 * 2**20  # read (and drop) at most this much of an oversized b
 class GateError(HTTPException):
     """A refused request: HTTP status, a short machine-readable code, and the file it concerns."""
 
-    def __init__(self, status_code: int, error: str, detail: str, file: str | None = None):
-        super().__init__(status_code, detail)
+    def __init__(self, status_code: int, error: str, detail: str, file: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status_code, detail, headers)
         self.error, self.file = error, file
 
 
-def _error_response(status: int, error: str, detail: str, file: str | None, request_id: str | None) -> JSONResponse:
+def _error_response(status: int, error: str, detail: str, file: str | None, request_id: str | None,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=error, detail=detail, file=file, request_id=request_id)
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 # --------------------------------------------------------------------------------------------------- the loaded model
@@ -62,21 +64,62 @@ class _Gate:
 
     def __init__(self, cfg: ServeConfig, scorer: Scorer | None = None):
         self.cfg = cfg
-        ckpt = Path(cfg.model) if cfg.model is not None else default_checkpoint()
-        self.scorer = scorer or Scorer(ckpt, device=cfg.device, runtime=cfg.runtime, num_threads=cfg.num_threads,
-                                       batch_size=cfg.batching.max_batch)
-        self.meta = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-        digest = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
-        self.model_id = f"{ckpt.name}@{digest[:12]}"
-        self.checkpoint = ckpt
-        trained_on = (self.meta.get("config", {}).get("meta") or {}).get("trained_on")
-        qm = (trained_on or {}).get("quality_map") or {}
+        info = checkpoint_info(cfg.model)  # None: the shipped checkpoint
+        self.scorer = scorer or Scorer(info.path, device=cfg.device, runtime=cfg.runtime,
+                                       num_threads=cfg.num_threads, batch_size=cfg.batching.max_batch)
+        self.meta = info.meta
+        self.model_id = f"{info.path.name}@{info.weights_sha256[:12]}"
+        self.checkpoint = info.path
+        self.trained_on = info.trained_on
+        qm = (self.trained_on or {}).get("quality_map") or {}
         # the quality map of the labels the model learned from; the default map otherwise
         self.quality_map = QualityMap(**{k: qm[k] for k in ("center", "scale") if k in qm}) if qm else DEFAULT_MAP
-        self.trained_on = trained_on
-        self.batcher = MicroBatcher(self.scorer, enabled=cfg.batching.enabled, window_ms=cfg.batching.window_ms,
-                                    max_batch=cfg.batching.max_batch)
+        b = cfg.batching
+        self.batcher = MicroBatcher(self.scorer, enabled=b.enabled, window_ms=b.window_ms, max_batch=b.max_batch,
+                                    max_queue=b.max_queue)
         self.started = time.time()
+
+    def health(self) -> Health:
+        return Health(model_id=self.model_id, uptime_s=round(time.time() - self.started, 3),
+                      queued=self.batcher.queue_depth, queue_capacity=self.batcher.max_queue)
+
+    def overloaded(self, full: QueueFull) -> GateError:
+        """The 503 for a full queue, with its ``Retry-After``."""
+        retry = self.cfg.batching.retry_after_s
+        return GateError(503, "overloaded", f"the service is at capacity ({full.depth} of {full.capacity} queue "
+                         f"places taken, {full.offered} asked for); retry after {retry} s",
+                         headers={"Retry-After": str(retry)})
+
+    def no_room(self, n: int) -> GateError | None:
+        """The 503 when ``n`` images would not fit in the queue now, else None (checked again on submitting)."""
+        depth, capacity = self.batcher.queue_depth, self.batcher.max_queue
+        return self.overloaded(QueueFull(n, depth, capacity)) if depth + n > capacity else None
+
+    async def score(self, images: list[MedImage], heatmap: bool) -> list[Scored]:
+        """All ``images`` through the micro-batcher, or a 503 when the queue cannot take them all."""
+        try:
+            futures = self.batcher.submit_all(images, heatmap=heatmap)
+        except QueueFull as full:
+            raise self.overloaded(full) from None
+        return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+    def results(self, images: list[tuple[str, MedImage, float]], scored: list[Scored],
+                heatmap: bool) -> list[ImageResult]:
+        """One `ImageResult` per (file name, image, read ms) and its score: verdict, loss, timing, heatmap."""
+        out = []
+        for (name, img, read_ms), s in zip(images, scored):
+            q = float(s.score.quality)
+            th = self.cfg.thresholds_for(img.modality)
+            out.append(ImageResult(
+                file=name, index=img.index, modality=img.modality, height=img.shape[0], width=img.shape[1],
+                channels=3 if img.is_color else 1, quality=q, verdict=th.verdict(q), thresholds=th,
+                diagnostic_loss=self.loss(q), expert=s.score.expert,
+                timing=ImageTiming(read_ms=read_ms, queue_ms=s.queue_ms, inference_ms=s.inference_ms,
+                                   batch_size=s.batch_size),
+                heatmap_png=_png_base64(img.pixels, s.score.heatmap, self.cfg.heatmap_max_side)
+                if heatmap and s.score.heatmap is not None else None,
+            ))
+        return out
 
     def card(self) -> ModelCard:
         cfg = self.cfg
@@ -153,14 +196,19 @@ def _png_base64(pixels, heatmap, max_side: int) -> str:
 
 
 class _RequestGuard:
-    """ASGI middleware: request ids, the upload size limit (413) and one log line per request.
+    """ASGI middleware: request ids, the upload size limit (413), a full queue (503) and one log line per request.
 
-    The log line holds the request id, method, path, status, body size and time: never file names, form
-    fields, headers or pixels, which may identify a patient.
+    A score request that finds the queue full is answered 503 before its body is parsed, so that refusing
+    costs far less than scoring. The log line holds the request id, method, path, status, body size and
+    time: never file names, form fields, headers or pixels, which may identify a patient.
+
+    Args:
+        max_bytes: the largest request body.
+        no_room: n → the 503 refusal when n more images do not fit in the queue now, else None.
     """
 
-    def __init__(self, app, *, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, *, max_bytes: int, no_room: Callable[[int], GateError | None]):
+        self.app, self.max_bytes, self.no_room = app, max_bytes, no_room
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -192,15 +240,20 @@ class _RequestGuard:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             declared = 0
+        early = None  # a refusal known before reading the body: too large, or no room in the queue
+        if limited and declared > self.max_bytes:
+            early = GateError(413, "upload_too_large", self._too_large(declared))
+        elif limited and scope["method"] == "POST":
+            early = self.no_room(1)
         try:
-            if limited and declared > self.max_bytes:
+            if early is None:
+                await self.app(scope, counting_receive, send_with_id)
+            else:
                 size = declared
                 if declared <= _DRAIN_BYTES:
                     await _drain(receive, {"more_body": True})
-                resp = _error_response(413, "upload_too_large", self._too_large(declared), None, rid)
+                resp = _error_response(early.status_code, early.error, early.detail, None, rid, early.headers)
                 await resp(scope, receive, send_with_id)
-            else:
-                await self.app(scope, counting_receive, send_with_id)
         finally:
             path = scope["path"] if scope["path"] in _LOGGED_PATHS else "(other)"  # a client's URL may hold anything
             log.info("request %s %s %s status=%d bytes=%d ms=%.1f", rid, scope["method"], path, status, size,
@@ -239,46 +292,64 @@ def create_app(config: ServeConfig | None = None, *, scorer: Scorer | None = Non
     """
     cfg = config or ServeConfig()
     gate = _Gate(cfg, scorer)
+    app = FastAPI(
+        title="MedQM quality gate",
+        version=__version__,
+        description="Scores medical images with MedQM-I before they reach a multimodal LLM: pass, review or reject.",
+        lifespan=_lifespan(gate),
+    )
+    app.state.gate = gate
+    app.add_exception_handler(GateError, _gate_error)
+    _add_service_routes(app, gate)
+    _add_score_route(app, gate)
+    _add_middleware(app, gate)
+    return app
+
+
+def _lifespan(gate: _Gate):
+    """Startup and shutdown: the batcher's worker thread runs while the app serves."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         gate.batcher.start()
-        log.info("quality gate ready: model %s, runtime %s, batching %s", gate.model_id, gate.scorer.runtime,
-                 "on" if cfg.batching.enabled else "off")
+        log.info("quality gate ready: model %s, runtime %s, batching %s, queue %d", gate.model_id,
+                 gate.scorer.runtime, "on" if gate.cfg.batching.enabled else "off", gate.batcher.max_queue)
         try:
             yield
         finally:
             await run_in_threadpool(gate.batcher.close)
 
-    app = FastAPI(
-        title="MedQM quality gate",
-        version=__version__,
-        description="Scores medical images with MedQM-I before they reach a multimodal LLM: pass, review or reject.",
-        lifespan=lifespan,
-    )
-    app.state.gate = gate
-    errors = {c: {"model": ErrorResponse} for c in (413, 415, 422)}
+    return lifespan
 
-    @app.exception_handler(GateError)
-    async def _gate_error(request: Request, exc: GateError):
-        rid = request.scope.get("state", {}).get("request_id")
-        log.info("request %s refused: status=%d error=%s", rid, exc.status_code, exc.error)
-        return _error_response(exc.status_code, exc.error, exc.detail, exc.file, rid)
 
+async def _gate_error(request: Request, exc: GateError) -> JSONResponse:
+    """A `GateError` → its JSON body (`ErrorResponse`), status and headers, logged without patient data."""
+    rid = request.scope.get("state", {}).get("request_id")
+    log.info("request %s refused: status=%d error=%s", rid, exc.status_code, exc.error)
+    return _error_response(exc.status_code, exc.error, exc.detail, exc.file, rid, exc.headers)
+
+
+def _add_service_routes(app: FastAPI, gate: _Gate) -> None:
+    """The web page, ``/healthz`` and ``/v1/model``."""
     page = resources.files("medqm.serve").joinpath(_HTML).read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/healthz", response_model=Health, summary="Liveness: the model is loaded")
+    @app.get("/healthz", response_model=Health, summary="Liveness: the model is loaded; the queue's depth")
     async def healthz() -> Health:
-        return Health(model_id=gate.model_id, uptime_s=round(time.time() - gate.started, 3),
-                      queued=gate.batcher.queue_depth)
+        return gate.health()
 
     @app.get("/v1/model", response_model=ModelCard, summary="Model card, thresholds, limits")
     async def model_card() -> ModelCard:
         return gate.card()
+
+
+def _add_score_route(app: FastAPI, gate: _Gate) -> None:
+    """``POST /v1/score``: check the request, read the uploads, score them through the batcher, give verdicts."""
+    cfg = gate.cfg
+    errors = {c: {"model": ErrorResponse} for c in (413, 415, 422, 503)}
 
     @app.post(SCORE_PATH, response_model=ScoreResponse, responses=errors, summary="Score uploaded images")
     async def score(
@@ -300,41 +371,31 @@ def create_app(config: ServeConfig | None = None, *, scorer: Scorer | None = Non
             modality = canonical_modality(modality_form or modality_query)
         except ValueError as e:
             raise GateError(422, "invalid_modality", str(e)) from None
+        if (full := gate.no_room(len(files))) is not None:  # 503 before spending any time on decoding
+            raise full
         images = await run_in_threadpool(_read_uploads, files, index=index, modality=modality,
                                          max_pixels=cfg.limits.max_pixels)
         want_heatmap = heatmap and gate.scorer.heatmaps_available
-        futures = [gate.batcher.submit(img, heatmap=want_heatmap) for _, img, _ in images]
-        scored: list[Scored] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-
-        def build() -> list[ImageResult]:
-            results = []
-            for (name, img, read_ms), s in zip(images, scored):
-                q = float(s.score.quality)
-                th = cfg.thresholds_for(img.modality)
-                results.append(ImageResult(
-                    file=name, index=img.index, modality=img.modality, height=img.shape[0], width=img.shape[1],
-                    channels=3 if img.is_color else 1, quality=q, verdict=th.verdict(q), thresholds=th,
-                    diagnostic_loss=gate.loss(q), expert=s.score.expert,
-                    timing=ImageTiming(read_ms=read_ms, queue_ms=s.queue_ms, inference_ms=s.inference_ms,
-                                       batch_size=s.batch_size),
-                    heatmap_png=_png_base64(img.pixels, s.score.heatmap, cfg.heatmap_max_side)
-                    if want_heatmap and s.score.heatmap is not None else None,
-                ))
-            return results
-
-        results = await run_in_threadpool(build) if want_heatmap else build()
+        scored = await gate.score([img for _, img, _ in images], want_heatmap)
+        if want_heatmap:  # PNG encoding takes a while: off the event loop
+            results = await run_in_threadpool(gate.results, images, scored, want_heatmap)
+        else:
+            results = gate.results(images, scored, want_heatmap)
         total = (time.perf_counter() - t0) * 1000.0
         log.info("request %s scored files=%d sizes=%s verdicts=%s total_ms=%.1f", rid, len(results),
                  ",".join(f"{r.height}x{r.width}" for r in results), ",".join(r.verdict for r in results), total)
         return ScoreResponse(request_id=rid, model_id=gate.model_id, results=results, total_ms=total)
 
+
+def _add_middleware(app: FastAPI, gate: _Gate) -> None:
+    """CORS (when origins are configured) inside the request guard (ids, upload size limit, full queue, logging)."""
+    cfg = gate.cfg
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["x-request-id"])
-    app.add_middleware(_RequestGuard, max_bytes=cfg.limits.max_upload_bytes)
-    return app
+    app.add_middleware(_RequestGuard, max_bytes=cfg.limits.max_upload_bytes, no_room=gate.no_room)
 
 
 def run(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

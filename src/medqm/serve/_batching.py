@@ -4,6 +4,10 @@ The first image to arrive opens a batch and waits at most ``window_ms`` for othe
 the batch then runs through `Scorer.score_pixels` while the next one fills. With batching off every image
 gets its own forward pass, in arrival order, in the same worker thread (the baseline the load benchmark
 compares against).
+
+The queue is bounded (``max_queue`` images waiting for the model): `MicroBatcher.submit_all` refuses, with
+`QueueFull`, a request whose images would not all fit, so an overloaded service answers 503 at once instead of
+holding ever more images in memory.
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ class _Item:
 _STOP = object()
 
 
+class QueueFull(RuntimeError):
+    """The batcher's queue has no room for the images offered: try again later."""
+
+    def __init__(self, offered: int, depth: int, capacity: int):
+        super().__init__(f"{offered} image(s) offered, {depth} already waiting for the model; the queue holds "
+                         f"{capacity}")
+        self.offered, self.depth, self.capacity = offered, depth, capacity
+
+
 class MicroBatcher:
     """Runs a `Scorer` in one background thread, batching images submitted from any thread.
 
@@ -50,23 +63,31 @@ class MicroBatcher:
         enabled: batch across requests; False scores every image on its own.
         window_ms: longest wait of a batch's first image for more images.
         max_batch: most images per forward pass.
+        max_queue: most images waiting for the model (not counting the batch being scored); `submit_all`
+            raises `QueueFull` beyond.
     """
 
-    def __init__(self, scorer: Scorer, *, enabled: bool = True, window_ms: float = 5.0, max_batch: int = 32):
+    def __init__(self, scorer: Scorer, *, enabled: bool = True, window_ms: float = 5.0, max_batch: int = 32,
+                 max_queue: int = 256):
         if window_ms < 0:
             raise ValueError(f"window_ms must be >= 0, got {window_ms}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.scorer = scorer
         self.enabled = enabled
         self.window = window_ms / 1000.0
         self.max_batch = max_batch if enabled else 1
         self.scorer.batch_size = max(self.scorer.batch_size, self.max_batch)  # one forward pass per batch
-        self._queue: queue.Queue = queue.Queue()
+        self.max_queue = max_queue
+        self._queue: queue.Queue = queue.Queue()  # bounded by submit_all, so that the stop signal always fits
+        self._admit = threading.Lock()  # submitters check the room and queue their images as one step
         self._thread: threading.Thread | None = None
 
     @property
     def queue_depth(self) -> int:
+        """Images waiting for the model (not counting the batch being scored)."""
         return self._queue.qsize()
 
     def start(self) -> None:
@@ -82,12 +103,22 @@ class MicroBatcher:
             self._thread = None
 
     def submit(self, image: MedImage, *, heatmap: bool = False) -> Future:
-        """Queue one image; the future resolves to a `Scored`."""
+        """Queue one image; the future resolves to a `Scored`. Raises `QueueFull` when the queue is full."""
+        return self.submit_all([image], heatmap=heatmap)[0]
+
+    def submit_all(self, images: list[MedImage], *, heatmap: bool = False) -> list[Future]:
+        """Queue all of ``images`` or none: `QueueFull` when they do not all fit. Futures resolve to `Scored`."""
         if self._thread is None:
             raise RuntimeError("MicroBatcher.start() has not been called")
-        fut: Future = Future()
-        self._queue.put(_Item(image, heatmap, fut, time.perf_counter()))
-        return fut
+        with self._admit:  # only submitters add, so the depth seen here can only shrink before the puts
+            depth = self._queue.qsize()
+            if depth + len(images) > self.max_queue:
+                raise QueueFull(len(images), depth, self.max_queue)
+            now = time.perf_counter()
+            items = [_Item(image, heatmap, Future(), now) for image in images]
+            for item in items:
+                self._queue.put(item)
+        return [item.future for item in items]
 
     # ----------------------------------------------------------------------------------------------- worker
 

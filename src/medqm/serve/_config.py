@@ -48,13 +48,19 @@ class Limits(BaseModel):
 
 
 class Batching(BaseModel):
-    """Micro-batching: images from concurrent requests that arrive within ``window_ms`` share one forward pass."""
+    """Micro-batching: images from concurrent requests that arrive within ``window_ms`` share one forward pass.
+
+    At most ``max_queue`` images wait for the model; a request whose images do not fit is answered 503 with a
+    ``Retry-After`` of ``retry_after_s`` seconds (backpressure: memory stays bounded under any load).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     window_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long the first image of a batch waits for company")
     max_batch: int = Field(32, ge=1, le=1024, description="images per forward pass")
+    max_queue: int = Field(256, ge=1, le=65536, description="images waiting for the model; beyond, requests get 503")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="the Retry-After (seconds) of a 503 for a full queue")
 
 
 class ServeConfig(BaseModel):
@@ -73,6 +79,13 @@ class ServeConfig(BaseModel):
     batching: Batching = Batching()
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call from a browser; empty: CORS off")
     heatmap_max_side: int = Field(512, ge=16, le=4096, description="longest side of a returned heatmap PNG, pixels")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> "ServeConfig":
+        if self.batching.max_queue < self.limits.max_files:
+            raise ValueError(f"batching.max_queue ({self.batching.max_queue}) must be at least limits.max_files "
+                             f"({self.limits.max_files}): a request with the most files must fit in an empty queue")
+        return self
 
     @field_validator("modality_thresholds")
     @classmethod

@@ -78,11 +78,12 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model_id: str
     uptime_s: float
-    queued: int
+    queued: int = Field(description="images waiting for the model")
+    queue_capacity: int = Field(description="most images that may wait (batching.max_queue); beyond, 503")
 
 
 class ErrorResponse(BaseModel):
-    error: str = Field(description="machine-readable code, e.g. upload_too_large, unsupported_format")
+    error: str = Field(description="machine-readable code, e.g. upload_too_large, unsupported_format, overloaded")
     detail: str = Field(description="what was wrong, naming the file when one was")
     file: str | None = None
     request_id: str | None = None

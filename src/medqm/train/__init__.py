@@ -1,7 +1,8 @@
 """Training MedQM-I on MedQM-D labels: case-level splits, feature caching, losses, the training loop."""
 
+from medqm.metrics import correlations, grouped_correlations
+
 from .losses import QualityLoss, pairwise_rank_loss, plcc_loss
-from .metrics import correlations, grouped_correlations
 from .split import SPLITS, SplitLeakageError, assign_split, check_split, load_split, make_split, save_split
 from .trainer import TrainConfig, TrainResult, train
 

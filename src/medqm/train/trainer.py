@@ -2,7 +2,7 @@
 
 The output folder is a checkpoint (``MedQMI.from_pretrained(out)`` / ``medqm score --model out``) that also
 holds the run's record: ``split.csv``, ``metrics.csv`` (one row per epoch), ``test_metrics.json``
-(held-out SRCC/PLCC/KRCC/RMSE, overall and per modality and distortion type), ``test_predictions.csv`` and
+(held-out SRCC/KRCC/PLCC_raw/RMSE_raw, overall and per modality and distortion type), ``test_predictions.csv`` and
 ``train_config.json``.
 
 Modes:
@@ -28,12 +28,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .metrics import correlations, grouped_correlations
+from medqm.metrics import correlations, grouped_correlations
 
 
 @dataclass
@@ -113,6 +114,15 @@ def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """A `torch.optim.lr_scheduler.LambdaLR`: linear warm-up over ``warmup_steps`` (step ``s`` at
+    ``(s + 1) / warmup_steps`` of each group's lr), then a cosine decay to ``min_lr_ratio`` × lr at
+    ``total_steps``; call ``step()`` once per batch, after ``optimizer.step()``."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, partial(_lr_factor, total=total_steps, warmup=warmup_steps, min_ratio=min_lr_ratio))
+
+
 def _param_groups(model, lr: float, weight_decay: float, backbone_lr_mult: float):
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
@@ -120,8 +130,8 @@ def _param_groups(model, lr: float, weight_decay: float, backbone_lr_mult: float
             continue
         no_decay = p.ndim <= 1 or name.endswith(".bias") or "queries" in name or "scale_embed" in name
         groups.setdefault((name.startswith("backbone."), no_decay), []).append(p)
-    return [{"params": ps, "lr": lr * (backbone_lr_mult if bb else 1.0), "base_lr": lr * (backbone_lr_mult if bb else 1.0),
-             "weight_decay": 0.0 if nd else weight_decay} for (bb, nd), ps in groups.items()]
+    return [{"params": ps, "lr": lr * (backbone_lr_mult if bb else 1.0), "weight_decay": 0.0 if nd else weight_decay}
+            for (bb, nd), ps in groups.items()]
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -137,6 +147,56 @@ class _Log:
             self.fn(msg)
 
 
+@dataclass
+class _Run:
+    """What the steps of one training share: its settings, this process's place in the group, data and model."""
+
+    cfg: TrainConfig
+    out: Path
+    device: Any  # torch.device
+    rank: int
+    world: int
+    say: _Log
+    rows: Any = None  # pandas.DataFrame of the training rows, with their split
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # row indices of train / val / test
+    targets: np.ndarray | None = None
+    model: Any = None
+    cache: Any = None  # FeatureCache (frozen mode)
+    keys: np.ndarray | None = None  # feature-cache key of every row (frozen mode)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def frozen(self) -> bool:
+        return self.cfg.mode == "frozen"
+
+
+class _EarlyStopping:
+    """The best epoch so far by SRCC, a copy of its weights, and the epochs since it."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.srcc, self.epoch, self.state, self.metrics, self.stale = -math.inf, 0, None, {}, 0
+
+    def update(self, epoch: int, metrics: dict[str, float], model) -> bool:
+        """Record an epoch's evaluation; True when it is the best so far."""
+        srcc = metrics["srcc"] if not math.isnan(metrics["srcc"]) else -math.inf
+        improved = srcc > self.srcc or self.state is None
+        if improved:
+            self.srcc, self.epoch, self.metrics = srcc, epoch, metrics
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            self.stale = 0
+        else:
+            self.stale += 1
+        return improved
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.patience) and self.stale >= self.patience
+
+
 def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = print,
           progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
     """Run one training: split, (cache), epochs with early stopping, held-out test; returns the summary.
@@ -146,229 +206,312 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = print,
     """
     import torch
 
-    from medqm import __version__
-    from medqm.label.runner import read_labels
-    from medqm.model import create_model
+    device, rank, world = _init_process(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    run = _Run(cfg, out, device, rank, world, _Log(log, rank))
+    label_meta = _load_rows(run)
+    _build_model(run, label_meta)
+    if run.frozen:
+        _prepare_features(run, progress)
+    history, best = _fit(run, progress)
+    result_test: dict[str, Any] = {}
+    if rank == 0:
+        run.model.load_state_dict(best.state)
+        run.model.to(device)
+        if len(run.parts["test"]):
+            result_test = _test(run)
+        _save(run, best, result_test, len(history))
+    if run.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return TrainResult(out, best.epoch, best.metrics, result_test, len(history), history)
 
-    from .data import FeatureCache, ImageDataset, default_cache_dir, training_rows
-    from .losses import QualityLoss
-    from .split import assign_split, load_split, make_split, save_split
+
+def _init_process(cfg: TrainConfig):
+    """This process's device, rank and world size; joins the process group under torchrun / accelerate."""
+    import torch
 
     rank, world, local_rank = _dist_info()
-    say = _Log(log, rank)
-    distributed = world > 1
     device = torch.device(cfg.device)
-    if distributed:
+    if world > 1:
         import torch.distributed as dist
 
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    return device, rank, world
 
+
+def _load_rows(run: _Run) -> dict[str, Any]:
+    """Read the labels, split them by case (rank 0 saves ``split.csv``); returns the label set's metadata."""
+    from medqm.label.runner import read_labels
+
+    from .data import training_rows
+    from .split import assign_split, load_split, make_split, save_split
+
+    cfg = run.cfg
     labels = read_labels(cfg.labels)
-    label_meta = labels.attrs.get("medqm", {})
     rows, dropped = training_rows(labels)
     if dropped:
-        say(f"note: {dropped} label rows dropped (no quality or image file missing)")
+        run.say(f"note: {dropped} label rows dropped (no quality or image file missing)")
     split = load_split(cfg.split_file) if cfg.split_file else make_split(rows, fractions=cfg.fractions, seed=cfg.seed)
     rows = assign_split(rows, split)  # refuses leaking splits
     if cfg.max_images and cfg.max_images < len(rows):
         rows = rows.sample(n=cfg.max_images, random_state=cfg.seed).sort_index().reset_index(drop=True)
-    if rank == 0:
-        save_split(split, out / "split.csv")
+    if run.rank == 0:
+        save_split(split, run.out / "split.csv")
     parts = {s: rows.index[rows["split"] == s].to_numpy() for s in ("train", "val", "test")}
     if len(parts["train"]) == 0:
         raise ValueError("the split left no training images")
-    say(f"{len(rows)} images from {rows.case_id.nunique()} cases: "
-        + ", ".join(f"{s} {len(ix)} images / {rows.loc[ix, 'case_id'].nunique()} cases" for s, ix in parts.items()))
+    run.say(f"{len(rows)} images from {rows.case_id.nunique()} cases: "
+            + ", ".join(f"{s} {len(ix)} images / {rows.loc[ix, 'case_id'].nunique()} cases" for s, ix in parts.items()))
+    run.rows, run.parts, run.targets = rows, parts, rows["quality"].to_numpy(np.float32)
+    return labels.attrs.get("medqm", {})
 
+
+def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
+    """Create the model, record what it is trained on, freeze or unfreeze the backbone, move it to the device."""
+    from medqm import __version__
+    from medqm.model import create_model
+
+    cfg = run.cfg
     model = create_model(cfg.model, **cfg.model_kwargs)
     model.cfg.meta.update({"trained_on": {
         "labels": str(Path(cfg.labels).resolve()), "label_model_id": label_meta.get("model_id"),
         "label_model_revision": label_meta.get("model_revision"), "quality_map": label_meta.get("quality_map"),
-        "n_images": int(len(rows)), "split_seed": cfg.seed, "fractions": list(cfg.fractions), "mode": cfg.mode,
+        "n_images": int(len(run.rows)), "split_seed": cfg.seed, "fractions": list(cfg.fractions), "mode": cfg.mode,
         "medqm_version": __version__,
     }})
-    frozen = cfg.mode == "frozen"
-    model.set_backbone_trainable(not frozen)
-    model.to(device)
+    model.set_backbone_trainable(not run.frozen)
+    model.to(run.device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained ({cfg.mode} backbone)")
+    run.say(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained ({cfg.mode} backbone)")
+    run.model = model
 
-    targets = rows["quality"].to_numpy(np.float32)
-    cache = keys = None
-    if frozen:
-        cache = FeatureCache(cfg.cache_dir or default_cache_dir(), model)
-        if rank == 0:
-            say(f"backbone features: {cache.dir}")
-            if device.type == "cpu":
-                model.backbone.to(memory_format=torch.channels_last)
-            t0 = time.perf_counter()
-            keys, failures = cache.ensure(rows["path"].tolist(), batch_size=32, device=str(device),
-                                          progress=(lambda d, t: progress("features", d, t)) if progress else None)
-            say(f"features ready in {time.perf_counter() - t0:.0f} s ({len(failures)} unreadable)")
-        if distributed:
-            torch.distributed.barrier()
-            if rank != 0:
-                keys, failures = cache.ensure(rows["path"].tolist(), device=str(device))
-        if failures:
-            bad = {p for p, _ in failures}
-            say(f"dropping {len(bad)} unreadable images, e.g. {failures[0][0]}: {failures[0][1]}")
-            for s in parts:
-                parts[s] = np.array([i for i in parts[s] if rows.at[i, "path"] not in bad], dtype=np.int64)
-        keys = np.asarray(keys)
 
-    train_model = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _prepare_features(run: _Run, progress: Callable[[str, int, int], None] | None) -> None:
+    """Frozen mode: cache the backbone features of every row (rank 0 computes, the others wait and read);
+    unreadable images leave the parts."""
+    import torch
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=model.cfg.gating == "noisy_topk")
-    use_amp = cfg.amp and device.type == "cuda"
+    from .data import FeatureCache, default_cache_dir
 
-    def forward(m, batch_idx, x=None, heat=False):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            if frozen:
-                feats = [f.to(device, non_blocking=True) for f in cache.load(keys[batch_idx])]
-                return m(backbone_features=feats, return_heatmap=heat)
-            return m(x.to(device, non_blocking=True), return_heatmap=heat)
+    rows, model, device = run.rows, run.model, run.device
+    cache = FeatureCache(run.cfg.cache_dir or default_cache_dir(), model)
+    keys, failures = None, []
+    if run.rank == 0:
+        run.say(f"backbone features: {cache.dir}")
+        if device.type == "cpu":
+            model.backbone.to(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        keys, failures = cache.ensure(rows["path"].tolist(), batch_size=32, device=str(device),
+                                      progress=partial(progress, "features") if progress else None)
+        run.say(f"features ready in {time.perf_counter() - t0:.0f} s ({len(failures)} unreadable)")
+    if run.distributed:
+        torch.distributed.barrier()
+        if run.rank != 0:
+            keys, failures = cache.ensure(rows["path"].tolist(), device=str(device))
+    if failures:
+        bad = {p for p, _ in failures}
+        run.say(f"dropping {len(bad)} unreadable images, e.g. {failures[0][0]}: {failures[0][1]}")
+        for s in run.parts:
+            run.parts[s] = np.array([i for i in run.parts[s] if rows.at[i, "path"] not in bad], dtype=np.int64)
+    run.cache, run.keys = cache, np.asarray(keys)
 
-    def loader(idx: np.ndarray, shuffle: bool, epoch: int = 0):
-        """Yields (row indices, images or None)."""
-        if frozen:
-            order = idx.copy()
-            if shuffle:
-                np.random.default_rng(cfg.seed + epoch).shuffle(order)
-            if distributed and shuffle:
-                order = order[rank::world]
-            for i in range(0, len(order), cfg.batch_size):
-                yield order[i : i + cfg.batch_size], None
-            return
-        from torch.utils.data import DataLoader, DistributedSampler
 
-        ds = ImageDataset(rows.loc[idx, "path"].tolist(), targets[idx], model.cfg.img_size, flip=shuffle, seed=cfg.seed + epoch)
-        sampler = DistributedSampler(ds, shuffle=shuffle, seed=cfg.seed) if (distributed and shuffle) else None
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        g = torch.Generator().manual_seed(cfg.seed + epoch)
-        dl = DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                        num_workers=cfg.num_workers, generator=g, pin_memory=device.type == "cuda")
-        for x, _, j in dl:
-            yield idx[j.numpy()], x
+def _forward(run: _Run, m, batch_idx: np.ndarray, x=None, heat: bool = False):
+    """One forward pass of ``m`` (the model or its DDP wrapper) on the rows ``batch_idx`` (cached features in
+    frozen mode, else the images ``x``); bfloat16 autocast on CUDA when ``amp``."""
+    import torch
 
-    def predict(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        model.eval()
-        preds, gates = np.zeros(len(rows), np.float32), np.zeros((len(rows), model.num_experts), np.float32)
-        with torch.inference_mode():
-            for bi, x in loader(idx, shuffle=False):
-                o = forward(model, bi, x)
-                preds[bi] = o["score"].float().cpu().numpy()
-                gates[bi] = o["gates"].float().cpu().numpy()
-        return preds[idx], gates[idx]
+    use_amp = run.cfg.amp and run.device.type == "cuda"
+    with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if run.frozen:
+            feats = [f.to(run.device, non_blocking=True) for f in run.cache.load(run.keys[batch_idx])]
+            return m(backbone_features=feats, return_heatmap=heat)
+        return m(x.to(run.device, non_blocking=True), return_heatmap=heat)
 
+
+def _batches(run: _Run, idx: np.ndarray, shuffle: bool, epoch: int = 0):
+    """Yields (row indices, images or None) over the rows ``idx``; shuffled batches are sharded across ranks."""
+    cfg = run.cfg
+    if run.frozen:
+        order = idx.copy()
+        if shuffle:
+            np.random.default_rng(cfg.seed + epoch).shuffle(order)
+        if run.distributed and shuffle:
+            order = order[run.rank::run.world]
+        for i in range(0, len(order), cfg.batch_size):
+            yield order[i : i + cfg.batch_size], None
+        return
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from .data import ImageDataset
+
+    ds = ImageDataset(run.rows.loc[idx, "path"].tolist(), run.targets[idx], run.model.cfg.img_size, flip=shuffle,
+                      seed=cfg.seed + epoch)
+    sampler = DistributedSampler(ds, shuffle=shuffle, seed=cfg.seed) if (run.distributed and shuffle) else None
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    dl = DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                    num_workers=cfg.num_workers, generator=g, pin_memory=run.device.type == "cuda")
+    for x, _, j in dl:
+        yield idx[j.numpy()], x
+
+
+def _predict(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and expert gates of the rows ``idx`` (the bare model, eval mode)."""
+    import torch
+
+    model, n = run.model, len(run.rows)
+    model.eval()
+    preds, gates = np.zeros(n, np.float32), np.zeros((n, model.num_experts), np.float32)
+    with torch.inference_mode():
+        for bi, x in _batches(run, idx, shuffle=False):
+            o = _forward(run, model, bi, x)
+            preds[bi] = o["score"].float().cpu().numpy()
+            gates[bi] = o["gates"].float().cpu().numpy()
+    return preds[idx], gates[idx]
+
+
+def _fit(run: _Run, progress: Callable[[str, int, int], None] | None) -> tuple[list[dict[str, Any]], _EarlyStopping]:
+    """The epochs: train, evaluate on validation (rank 0), keep the best weights, stop early; ``metrics.csv``."""
+    import torch
+
+    from .losses import QualityLoss
+
+    cfg, say = run.cfg, run.say
+    train_model = _wrap_distributed(run)
     criterion = QualityLoss(**cfg.loss)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_mult), lr=cfg.lr)
-    n_train_local = len(parts["train"]) // world if distributed else len(parts["train"])
+    opt = torch.optim.AdamW(_param_groups(run.model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_mult), lr=cfg.lr)
+    n_train_local = len(run.parts["train"]) // run.world if run.distributed else len(run.parts["train"])
     steps_per_epoch = max(1, math.ceil(n_train_local / cfg.batch_size))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-
+    schedule = warmup_cosine_schedule(opt, total_steps=steps_per_epoch * cfg.epochs, min_lr_ratio=cfg.min_lr_ratio,
+                                      warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)))
     history: list[dict[str, Any]] = []
-    best_srcc, best_epoch, best_state, best_val = -math.inf, 0, None, {}
-    stale, step = 0, 0
-    has_val = len(parts["val"]) >= 3
+    best = _EarlyStopping(cfg.patience)
+    has_val = len(run.parts["val"]) >= 3
     if not has_val:
         say("note: fewer than 3 validation images; the best epoch and early stopping use the training-set SRCC")
+    lr = opt.param_groups[0]["initial_lr"]
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        sums: dict[str, float] = {}
-        nb = 0
-        for bi, x in loader(parts["train"], shuffle=True, epoch=epoch):
-            f = _lr_factor(step, total_steps, warmup, cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * f
-            o = forward(train_model, bi, x)
-            loss, parts_ = criterion(o, torch.from_numpy(targets[bi]).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            nb += 1
-            for k, v in parts_.items():
-                sums[k] = sums.get(k, 0.0) + v
-        row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
-        row.update({f"train_{k}": v / max(nb, 1) for k, v in sums.items()})
-        if rank == 0:
-            eval_idx = parts["val"] if has_val else parts["train"]
-            pv, gv = predict(eval_idx)
-            m = correlations(pv, targets[eval_idx])
-            prefix = "val" if has_val else "train_eval"
-            row.update({f"{prefix}_{k}": v for k, v in m.items() if k != "n"})
-            row["expert_load"] = json.dumps([round(float(v), 4) for v in gv.mean(0)])
-            srcc = m["srcc"] if not math.isnan(m["srcc"]) else -math.inf
-            improved = srcc > best_srcc or best_state is None
-            if improved:
-                best_srcc, best_epoch, best_val = srcc, epoch, m
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-                stale = 0
-            else:
-                stale += 1
+        row = _train_epoch(run, train_model, opt, schedule, criterion, epoch, lr)
+        lr = row["lr"]
+        improved = _evaluate_epoch(run, row, best, has_val) if run.rank == 0 else False
         row["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(row)
-        if rank == 0:
-            _write_csv(out / "metrics.csv", history)
+        if run.rank == 0:
+            _write_csv(run.out / "metrics.csv", history)
             say(_fmt_epoch(row, improved))
             if progress:
                 progress("epochs", epoch, cfg.epochs)
-        stop = cfg.patience and stale >= cfg.patience
-        if distributed:
-            flag = torch.tensor([1 if stop else 0], device=device)
-            torch.distributed.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if stop:
-            say(f"early stop: validation SRCC has not improved for {cfg.patience} epochs (best {best_srcc:.4f} at epoch {best_epoch})")
+        if _should_stop(run, best):
+            say(f"early stop: validation SRCC has not improved for {cfg.patience} epochs "
+                f"(best {best.srcc:.4f} at epoch {best.epoch})")
             break
+    return history, best
 
-    result_test: dict[str, Any] = {}
-    if rank == 0:
-        model.load_state_dict(best_state)
-        model.to(device)
-        if len(parts["test"]):
-            pt, gt = predict(parts["test"])
-            test_rows = rows.loc[parts["test"]].copy()
-            test_rows["pred"] = pt
-            test_rows["expert"] = gt.argmax(1)
-            test_rows.to_csv(out / "test_predictions.csv", index=False)
-            result_test = {
-                "overall": correlations(pt, targets[parts["test"]]),
-                "by_modality": grouped_correlations(pt, targets[parts["test"]], test_rows["modality"].astype(str)),
-                "by_type": grouped_correlations(pt, targets[parts["test"]], test_rows["type"].astype(str)),
-                "expert_load": [round(float(v), 4) for v in gt.mean(0)],
-                "test_cases": sorted(test_rows.case_id.unique().tolist()),
-            }
-            o = result_test["overall"]
-            say(f"test (held-out cases, n={o['n']}): SRCC {o['srcc']:.4f}  PLCC {o['plcc']:.4f}  "
-                f"KRCC {o['krcc']:.4f}  RMSE {o['rmse']:.4f}")
-        summary = {"model": cfg.model, "best_epoch": best_epoch, "val": best_val, "test": result_test,
-                   "epochs_run": len(history)}
-        model.cfg.meta["trained_on"]["best_epoch"] = best_epoch
-        model.cfg.meta["trained_on"]["val_srcc"] = best_val.get("srcc")
-        model.cfg.meta["trained_on"]["test_srcc"] = result_test.get("overall", {}).get("srcc")
-        model.cpu().save_pretrained(out, extra_files={
-            "train_config.json": json.dumps(asdict(cfg), indent=2, default=list) + "\n",
-            "test_metrics.json": json.dumps(summary, indent=2) + "\n",
-        })
-    if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return TrainResult(out, best_epoch, best_val, result_test, len(history), history)
+
+def _wrap_distributed(run: _Run):
+    """The model to train: the model itself, or its DistributedDataParallel wrapper in a process group."""
+    if not run.distributed:
+        return run.model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+               find_unused_parameters=run.model.cfg.gating == "noisy_topk")
+
+
+def _train_epoch(run: _Run, train_model, opt, schedule, criterion, epoch: int, lr: float) -> dict[str, Any]:
+    """One pass over this rank's training batches; the epoch's row with the last step's lr (``lr`` when the
+    epoch had no batch) and the mean loss terms."""
+    import torch
+
+    run.model.train()
+    sums: dict[str, float] = {}
+    nb = 0
+    for bi, x in _batches(run, run.parts["train"], shuffle=True, epoch=epoch):
+        lr = opt.param_groups[0]["lr"]
+        o = _forward(run, train_model, bi, x)
+        loss, terms = criterion(o, torch.from_numpy(run.targets[bi]).to(run.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        nb += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+    row: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    row.update({f"train_{k}": v / max(nb, 1) for k, v in sums.items()})
+    return row
+
+
+def _evaluate_epoch(run: _Run, row: dict[str, Any], best: _EarlyStopping, has_val: bool) -> bool:
+    """Rank 0: the epoch's validation metrics (training-set ones without a validation part) into ``row``;
+    True when the epoch is the best so far."""
+    eval_idx = run.parts["val"] if has_val else run.parts["train"]
+    pv, gv = _predict(run, eval_idx)
+    m = correlations(pv, run.targets[eval_idx])
+    prefix = "val" if has_val else "train_eval"
+    row.update({f"{prefix}_{k}": v for k, v in m.items() if k != "n"})
+    row["expert_load"] = json.dumps([round(float(v), 4) for v in gv.mean(0)])
+    return best.update(row["epoch"], m, run.model)
+
+
+def _should_stop(run: _Run, best: _EarlyStopping) -> bool:
+    """Rank 0 decides (patience spent); in a process group every rank gets its decision."""
+    stop = best.exhausted
+    if run.distributed:
+        import torch
+
+        flag = torch.tensor([1 if stop else 0], device=run.device)
+        torch.distributed.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
+
+
+def _test(run: _Run) -> dict[str, Any]:
+    """Rank 0: score the held-out cases with the best weights; writes ``test_predictions.csv``."""
+    test_idx = run.parts["test"]
+    pt, gt = _predict(run, test_idx)
+    test_rows = run.rows.loc[test_idx].copy()
+    test_rows["pred"] = pt
+    test_rows["expert"] = gt.argmax(1)
+    test_rows.to_csv(run.out / "test_predictions.csv", index=False)
+    y = run.targets[test_idx]
+    result = {
+        "overall": correlations(pt, y),
+        "by_modality": grouped_correlations(pt, y, test_rows["modality"].astype(str)),
+        "by_type": grouped_correlations(pt, y, test_rows["type"].astype(str)),
+        "expert_load": [round(float(v), 4) for v in gt.mean(0)],
+        "test_cases": sorted(test_rows.case_id.unique().tolist()),
+    }
+    o = result["overall"]
+    run.say(f"test (held-out cases, n={o['n']}): SRCC {o['srcc']:.4f}  PLCC_raw {o['plcc_raw']:.4f}  "
+            f"KRCC {o['krcc']:.4f}  RMSE_raw {o['rmse_raw']:.4f}")
+    return result
+
+
+def _save(run: _Run, best: _EarlyStopping, result_test: dict[str, Any], epochs_run: int) -> None:
+    """Rank 0: the checkpoint, with ``train_config.json`` and ``test_metrics.json``."""
+    cfg, model = run.cfg, run.model
+    summary = {"model": cfg.model, "best_epoch": best.epoch, "val": best.metrics, "test": result_test,
+               "epochs_run": epochs_run}
+    model.cfg.meta["trained_on"]["best_epoch"] = best.epoch
+    model.cfg.meta["trained_on"]["val_srcc"] = best.metrics.get("srcc")
+    model.cfg.meta["trained_on"]["test_srcc"] = result_test.get("overall", {}).get("srcc")
+    model.cpu().save_pretrained(run.out, extra_files={
+        "train_config.json": json.dumps(asdict(cfg), indent=2, default=list) + "\n",
+        "test_metrics.json": json.dumps(summary, indent=2) + "\n",
+    })
 
 
 def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -385,9 +528,9 @@ def _fmt_epoch(row: dict[str, Any], improved: bool) -> str:
     s = (f"epoch {row['epoch']:3d}  lr {row['lr']:.2e}  loss {row.get('train_loss', float('nan')):.4f} "
          f"(mse {row.get('train_mse', float('nan')):.4f}, rank {row.get('train_rank', float('nan')):.4f}, "
          f"balance {row.get('train_balance', float('nan')):.3f})  "
-         f"{ev} SRCC {row.get(f'{ev}_srcc', float('nan')):.4f} PLCC {row.get(f'{ev}_plcc', float('nan')):.4f} "
-         f"RMSE {row.get(f'{ev}_rmse', float('nan')):.4f}  experts {row.get('expert_load', '')}  {row['seconds']:.1f}s")
+         f"{ev} SRCC {row.get(f'{ev}_srcc', float('nan')):.4f} PLCC_raw {row.get(f'{ev}_plcc_raw', float('nan')):.4f} "
+         f"RMSE_raw {row.get(f'{ev}_rmse_raw', float('nan')):.4f}  experts {row.get('expert_load', '')}  {row['seconds']:.1f}s")
     return s + ("  *" if improved else "")
 
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine_schedule"]

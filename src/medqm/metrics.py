@@ -1,8 +1,20 @@
 """Agreement between a quality predictor and quality labels, with uncertainty that respects cases.
 
-The IQA set: SRCC (Spearman), KRCC (Kendall's tau-b), PLCC (Pearson) raw and after the VQEG four-parameter
-logistic fit, and RMSE after that fit (in label units). Images of one case (patient, volume, slide) and the
-distorted versions of one reference are strongly correlated, so the statistical unit is the *case*: the 95 %
+The one metrics module of MedQM: a stage-independent utility (like `medqm._fs`) that training and
+evaluation both use, so a name means one thing wherever it is reported.
+
+The IQA set, by the keys under which every stage reports it:
+
+    srcc       Spearman's rank correlation (ties get average ranks)
+    krcc       Kendall's tau-b
+    plcc       Pearson's r after the VQEG four-parameter logistic fit, signed by the fitted map's direction
+    plcc_raw   Pearson's r of the scores as they are
+    rmse       root mean squared error after that fit (label units)
+    rmse_raw   root mean squared error of the scores as they are (only for predictions in label units:
+               `correlations`, what the trainer reports)
+
+Images of one case (patient, volume, slide) and the distorted versions of one reference are strongly
+correlated, so the statistical unit is the *case*: the 95 %
 confidence intervals come from a bootstrap that resamples cases with replacement (a cluster bootstrap), and
 the test between two methods is a paired bootstrap of cases on the SRCC difference. Williams' t for two
 dependent correlations sharing one variable is also given, as the classical reference; it treats images as
@@ -39,11 +51,14 @@ __all__ = [
     "agreement",
     "bootstrap_agreement",
     "compare_srcc",
+    "correlations",
     "fit_logistic",
+    "grouped_correlations",
     "krcc",
     "logistic4",
     "paired_bootstrap_srcc",
-    "plcc",
+    "plcc_raw",
+    "rmse_raw",
     "srcc",
     "williams_t",
 ]
@@ -104,12 +119,21 @@ def krcc(pred, target) -> float:
     return float(kendalltau(p, t).statistic)
 
 
-def plcc(pred, target) -> float:
-    """Pearson linear correlation of the raw scores; NaN when undefined."""
+def plcc_raw(pred, target) -> float:
+    """Pearson linear correlation of the raw scores (no logistic fit: see `agreement`); NaN when undefined."""
     p, t = _pair(pred, target)
     if _degenerate(p, t):
         return float("nan")
     return _pearson(p, t)
+
+
+def rmse_raw(pred, target) -> float:
+    """Root mean squared difference of the raw scores from the labels (no fit); NaN when there are none.
+
+    Meaningful only for a predictor in label units (a trained model); `agreement`'s ``rmse`` is after the fit.
+    """
+    p, t = _pair(pred, target)
+    return float(np.sqrt(np.mean((p - t) ** 2))) if p.size else float("nan")
 
 
 # ----------------------------------------------------------------------------------------- the logistic mapping
@@ -240,6 +264,34 @@ def agreement(pred, target) -> dict[str, Any]:
         raise ValueError("agreement: pred and target must be finite (drop NaN scores before)")
     out, fit = _agreement(p, t)
     return {"n": int(p.size), **out, "fit": fit.to_dict() if fit is not None else None}
+
+
+def correlations(pred, target) -> dict[str, float]:
+    """The raw agreement set of a model that predicts in label units, as the trainer reports it.
+
+    ``srcc``, ``krcc``, ``plcc_raw`` and ``rmse_raw`` of the predictions as they are, with ``n``: no logistic
+    fit, so no ``plcc`` / ``rmse`` (those are `agreement`'s, after the fit). Raw values are continuous in the
+    predictions, so a checkpoint's ``test_metrics.json`` and the evaluation's ``metrics.json`` (which has
+    ``plcc_raw`` too) agree to float precision even though training scores cached float16 features and the
+    evaluation the images; the fitted PLCC can amplify such differences (a near-step fit). NaN correlations
+    when either side is constant or fewer than 3 points; every metric NaN when a value is not finite (a
+    diverged epoch is recorded, not an error).
+    """
+    p, t = _pair(pred, target)
+    nan = float("nan")
+    out = {"n": int(p.size), "srcc": nan, "krcc": nan, "plcc_raw": nan, "rmse_raw": nan}
+    if not (np.isfinite(p).all() and np.isfinite(t).all()):
+        return out
+    out["rmse_raw"] = rmse_raw(p, t)
+    if not _degenerate(p, t):
+        out.update(srcc=_pearson(_rank(p), _rank(t)), krcc=krcc(p, t), plcc_raw=_pearson(p, t))
+    return out
+
+
+def grouped_correlations(pred, target, groups) -> dict[str, dict[str, float]]:
+    """`correlations` per group label (modality, distortion type…), groups in sorted order."""
+    pred, target, groups = np.asarray(pred), np.asarray(target), np.asarray(groups)
+    return {str(g): correlations(pred[groups == g], target[groups == g]) for g in sorted(set(groups.tolist()))}
 
 
 # --------------------------------------------------------------------------------------------- case bootstrap

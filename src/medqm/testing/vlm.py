@@ -22,51 +22,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medqm.label.chat_templates import CHAT_TEMPLATES
+
 __all__ = ["TINY_FAMILIES", "build_tiny_vlm"]
 
 TINY_FAMILIES = ("llava", "qwen2_vl", "smolvlm")
 
-_CORPUS_WORDS = (
-    "yes no none normal abnormal left right upper lower middle anterior posterior axial coronal sagittal "
-    "image scan slice view chest abdomen brain head neck spine pelvis knee hand lung liver kidney heart "
-    "lesion mass nodule fracture effusion pneumonia tumor cyst hemorrhage edema opacity calcification "
-    "ct mri mr x-ray xray ultrasound pet dermoscopy histology fundus mammography modality plane organ "
-    "what which where is there are the a an of in this shown does show visible present absent quadrant "
-    "body part contrast enhanced t1 t2 flair dwi weighted sequence window bone soft tissue quality "
-    "noise blur motion artifact ghosting aliasing streak ring bias field compression resolution"
-).split()
-
-_CHAT_TEMPLATES = {
-    # llava-hf/llava-1.5-*-hf chat template (images first, then text; no end-of-turn marker)
-    "llava": (
-        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-        "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-        "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-        "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    ),
-    # Qwen/Qwen2-VL-*-Instruct chat template (images only; videos dropped)
-    "qwen2_vl": (
-        "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-        "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-        "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-        "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-        "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-        "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
-        "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    # HuggingFaceTB/SmolVLM-*-Instruct chat template
-    "smolvlm": (
-        "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-        "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-        "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-    ),
-}
+_CORPUS_WORDS = ["yes", "no", "none", "normal", "abnormal", "left", "right", "upper", "lower", "middle", "anterior", "posterior", "axial", "coronal", "sagittal", "image", "scan", "slice", "view", "chest", "abdomen", "brain", "head", "neck", "spine", "pelvis", "knee", "hand", "lung", "liver", "kidney", "heart", "lesion", "mass", "nodule", "fracture", "effusion", "pneumonia", "tumor", "cyst", "hemorrhage", "edema", "opacity", "calcification", "ct", "mri", "mr", "x-ray", "xray", "ultrasound", "pet", "dermoscopy", "histology", "fundus", "mammography", "modality", "plane", "organ", "what", "which", "where", "is", "there", "are", "the", "a", "an", "of", "in", "this", "shown", "does", "show", "visible", "present", "absent", "quadrant", "body", "part", "contrast", "enhanced", "t1", "t2", "flair", "dwi", "weighted", "sequence", "window", "bone", "soft", "tissue", "quality", "noise", "blur", "motion", "artifact", "ghosting", "aliasing", "streak", "ring", "bias", "field", "compression", "resolution"]
 
 # SmolVLM's processor writes these between image tiles (real checkpoints have them as added tokens)
 _SMOLVLM_TILE_TOKENS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
@@ -110,7 +72,7 @@ def _train_tokenizer(family: str, real_vocab: int):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    template = _CHAT_TEMPLATES[family]
+    template = CHAT_TEMPLATES[family]
     if family == "llava":
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
@@ -172,7 +134,7 @@ def _build_llava(tok, vocab_size: int, hidden: int, layers: int):
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=_CHAT_TEMPLATES["llava"],
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATES["llava"],
     )
     return model, processor
 
@@ -212,7 +174,7 @@ def _build_qwen2_vl(tok, vocab_size: int, hidden: int, layers: int):
     video_processor = Qwen2VLVideoProcessor(size=pixels, patch_size=patch, merge_size=merge, temporal_patch_size=2)
     processor = Qwen2VLProcessor(
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-        chat_template=_CHAT_TEMPLATES["qwen2_vl"],
+        chat_template=CHAT_TEMPLATES["qwen2_vl"],
     )
     return model, processor
 
@@ -246,7 +208,7 @@ def _build_smolvlm(tok, vocab_size: int, hidden: int, layers: int):
     video_processor = SmolVLMVideoProcessor(size={"longest_edge": tile}, max_image_size={"longest_edge": tile})
     processor = SmolVLMProcessor(
         image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-        image_seq_len=(tile // patch) ** 2 // scale**2, chat_template=_CHAT_TEMPLATES["smolvlm"],
+        image_seq_len=(tile // patch) ** 2 // scale**2, chat_template=CHAT_TEMPLATES["smolvlm"],
     )
     return model, processor
 
@@ -299,20 +261,6 @@ def build_tiny_vlm(
         model, processor = _BUILDERS[family](tok, vocab_size, hidden_size, num_layers)
     finally:
         torch.random.set_rng_state(state)
+    from medqm.label.hf import save_quietly
+
     return save_quietly(model, processor, out)
-
-
-def save_quietly(model, processor, out: Path) -> Path:
-    """``save_pretrained`` model and processor into ``out`` without HF's progress bars (for a 1-shard, MB-sized
-    model the "Writing model shards" bars are noise)."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return out

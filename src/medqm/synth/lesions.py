@@ -50,13 +50,15 @@ from __future__ import annotations
 import csv
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .tasks import QUADRANTS, image_quadrant
+from medqm._fs import atomic_path
+
+from .quadrants import QUADRANTS, image_quadrant
 
 BLACK_LEVEL = 0.05  # smoothed display value below which an image is black (padding, air, gas): no lesion there
 HP_SIGMA = 1.5  # px; the high-pass residual is image − gaussian(image, HP_SIGMA)
@@ -161,7 +163,7 @@ def _lag1(h: np.ndarray, region: np.ndarray) -> float:
     return float(np.mean(vals)) if vals else 0.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _noise_lag1_table() -> tuple[float, ...]:
     """Lag-1 autocorrelation of the high-pass residual of white noise blurred by each of `_NOISE_BLURS`."""
     from scipy import ndimage
@@ -197,6 +199,220 @@ def _params_for(modality: str) -> tuple[str, LesionParams]:
     return mod, LESION_PARAMS[mod]
 
 
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A drawn lesion footprint: nominal radius R, edge width w, lobulation (a2, φ2, a4, φ4), visible extent."""
+
+    R: float
+    w: float
+    a2: float
+    a4: float
+    ph2: float
+    ph4: float
+
+    @property
+    def r_out(self) -> float:
+        return self.R * (1 + self.a2 + self.a4) + 2 * self.w  # where α has fallen below ~2 %
+
+
+@dataclass(frozen=True)
+class _Site:
+    """The chosen site: centre, the ring's statistics, the signed contrast and the lesion kind."""
+
+    r0: int
+    c0: int
+    mu: np.ndarray  # per-channel mean of the ring
+    sig_tex: np.ndarray  # per-channel robust std of the ring's high-pass residual
+    sig_bg: float  # std of the ring's luminance
+    contrast: float
+    kind: LesionKind
+
+
+def _choose_kinds(prm: LesionParams, mod: str, rng: np.random.Generator, kind: str | None,
+                  contrast: float | None) -> list[LesionKind]:
+    """The kinds to try, in order: the requested one, the one of the contrast's sign, or the drawn one first."""
+    names = [k.name for k in prm.kinds]
+    if kind is not None:
+        if kind not in names:
+            raise ValueError(f"kind {kind!r} is not a {mod} lesion kind; expected one of {names}")
+        return [prm.kinds[names.index(kind)]]
+    if contrast is not None:
+        signed = [k for k in prm.kinds if k.sign == (1 if contrast >= 0 else -1)]
+        return [signed[0] if signed else prm.kinds[0]]
+    # the drawn kind first; the others only where it fits nowhere (a bright lesion in bright white matter)
+    first = int(rng.choice(len(prm.kinds), p=np.asarray(prm.kind_p)))
+    return [prm.kinds[first]] + [k for i, k in enumerate(prm.kinds) if i != first]
+
+
+def _draw_shape(rng: np.random.Generator, prm: LesionParams, shape: tuple[int, int], radius: float | None) -> _Shape:
+    H, W = shape
+    scale = min(H, W) / 256.0
+    R = float(radius) if radius is not None else float(rng.uniform(*prm.radius)) * scale
+    if not R > 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    w = max(0.6, float(rng.uniform(*prm.edge)) * R)
+    a2, a4 = float(rng.uniform(0, 0.12)), float(rng.uniform(0, 0.06))
+    ph2, ph4 = rng.uniform(0, 2 * np.pi, 2)
+    return _Shape(R, w, a2, a4, float(ph2), float(ph4))
+
+
+def _direction(lk: LesionKind, colour: bool) -> np.ndarray:
+    """Contrast per channel with unit luminance: a grey lesion changes all channels alike, a grey image of a
+    colour kind (a red-free fundus photograph) gets the luminance change only."""
+    if not colour:
+        return np.ones(1)
+    v = np.asarray(lk.colour if lk.colour is not None else (1.0, 1.0, 1.0), np.float64)
+    return v / float(v @ _LUMA)
+
+
+def _candidate_sites(grey: np.ndarray, anat: np.ndarray, shp: _Shape, rng: np.random.Generator,
+                     center: tuple[int, int] | None, quadrant: str | None) -> np.ndarray:
+    """Flat indices of the sites to try, in order (module docstring: Site)."""
+    from scipy import ndimage
+
+    H, W = grey.shape
+    if center is not None:
+        r0, c0 = int(round(center[0])), int(round(center[1]))
+        if not (0 <= r0 < H and 0 <= c0 < W):
+            raise ValueError(f"center {center} is outside the {H}×{W} image")
+        return np.array([r0 * W + c0])
+    R, r_out = shp.R, shp.r_out
+    rows, cols = np.mgrid[0:H, 0:W]
+    dist = ndimage.distance_transform_edt(np.pad(anat, 1))[1:-1, 1:-1]
+    band = max(2.0, R / 2)
+    ok = (dist >= r_out) & (rows >= r_out) & (rows <= H - 1 - r_out) & (cols >= r_out) & (cols <= W - 1 - r_out)
+    ok &= (np.abs(rows - (H - 1) / 2) >= band) & (np.abs(cols - (W - 1) / 2) >= band)
+    if quadrant is not None:
+        if quadrant not in QUADRANTS:
+            raise ValueError(f"quadrant must be one of {QUADRANTS}, got {quadrant!r}")
+        upper, left = quadrant.startswith("upper"), quadrant.endswith("left")
+        ok &= ((rows < (H - 1) / 2) == upper) & ((cols < (W - 1) / 2) == left)
+    cand = np.flatnonzero(ok)
+    if cand.size == 0:
+        where = f" in the {quadrant} quadrant" if quadrant else ""
+        raise ValueError(f"no room for a lesion of radius {R:.1f} px inside the anatomy{where} "
+                         f"({int(anat.sum())} anatomy pixels; pass body_mask or a smaller radius)")
+    # try the more homogeneous half of the sites first (parenchyma rather than organ borders), where a
+    # lesion's contrast is defined by its surroundings rather than by an edge next to it
+    size = int(2 * LOCAL_RADIUS * R) | 1
+    var = ndimage.uniform_filter(grey * grey, size) - ndimage.uniform_filter(grey, size) ** 2
+    local_sd = np.sqrt(np.maximum(var, 0)).ravel()[cand]
+    calm = local_sd <= np.median(local_sd)
+    n_calm = (3 * MAX_SITE_TRIES) // 4
+    return np.concatenate([rng.permutation(cand[calm])[:n_calm],
+                           rng.permutation(cand[~calm])[:MAX_SITE_TRIES - n_calm]])
+
+
+def _site_stats(px, grey, hp, anat, r0: int, c0: int, shp: _Shape, prm: LesionParams, explicit: bool):
+    """The ring's statistics at one site and the room above / below its level, or None when the site is refused
+    (too little anatomy around it; for an additive lesion, a background under it unlike its surroundings)."""
+    H, W = grey.shape
+    R = shp.R
+    reach = int(np.ceil(LOCAL_RADIUS * R)) + 1
+    win = (slice(max(0, r0 - reach), min(H, r0 + reach + 1)), slice(max(0, c0 - reach), min(W, c0 + reach + 1)))
+    rows, cols = np.mgrid[win]
+    d = np.hypot(rows - r0, cols - c0)
+    ring = (d <= LOCAL_RADIUS * R) & anat[win] & (d >= shp.r_out)
+    if ring.sum() < 12:
+        if not explicit:
+            return None
+        ring = d <= LOCAL_RADIUS * R  # an explicit centre off the anatomy: use what is there
+    pxw = px[win].reshape(ring.size, -1)
+    mu = pxw[ring.ravel()].mean(axis=0)
+    sig_tex = np.maximum(_robust_std(hp[win].reshape(ring.size, -1)[ring.ravel()]), TEXTURE_FLOOR)
+    sig_bg = max(float(grey[win][ring].std()), 1.0 / 255)
+    if prm.opacity > 0:
+        top = 0.98 - mu - 2 * sig_tex  # per channel room above, below
+        bottom = mu - 0.02 - 2 * sig_tex
+    else:
+        under = pxw[(d <= R).ravel()]
+        top = 0.98 - np.percentile(under, 95, axis=0)
+        bottom = np.percentile(under, 5, axis=0) - 0.02
+        # an added lesion keeps what lies under it: that must look like its surroundings, or the
+        # lesion's apparent contrast is the background's step rather than c
+        if not explicit and abs(_lum(under.mean(axis=0)) - _lum(mu)) > 0.25 * sig_bg:
+            return None
+    return mu, sig_tex, sig_bg, top, bottom
+
+
+def _choose_site(px, grey, hp, anat, sites, kinds, shp: _Shape, prm: LesionParams, rng: np.random.Generator, *,
+                 mod: str, contrast: float | None, explicit: bool) -> _Site:
+    """The first admissible (kind, site) pair and its contrast (module docstring: Contrast)."""
+    W = grey.shape[1]
+    lo_c, hi_c = prm.contrast
+    chosen = None
+    for lk in kinds:
+        v = _direction(lk, px.ndim == 3)
+        for s in sites:
+            r0, c0 = divmod(int(s), W)
+            stats = _site_stats(px, grey, hp, anat, r0, c0, shp, prm, explicit)
+            if stats is None:
+                continue
+            mu, sig_tex, sig_bg, top, bottom = stats
+            headroom = float(((top if lk.sign > 0 else bottom) / v).min())
+            if contrast is not None:
+                if headroom >= abs(contrast) or explicit or chosen is None:
+                    chosen = _Site(r0, c0, mu, sig_tex, sig_bg, float(contrast), lk)
+                if headroom >= abs(contrast) or explicit:
+                    break
+                continue
+            lo = max(lo_c, prm.cnr[0] * sig_bg)
+            hi = min(hi_c, prm.cnr[1] * sig_bg, headroom)
+            if lo <= hi:
+                chosen = _Site(r0, c0, mu, sig_tex, sig_bg, lk.sign * float(rng.uniform(lo, hi)), lk)
+                break
+            if explicit:  # no admissible contrast at the requested centre: take the nearest bound
+                chosen = _Site(r0, c0, mu, sig_tex, sig_bg, lk.sign * float(max(min(lo, headroom), 0.0)), lk)
+        if chosen is not None:
+            return chosen
+    raise ValueError(f"no site in the anatomy admits a {mod} lesion ({', '.join(k.name for k in kinds)}) of radius "
+                     f"{shp.R:.1f} px with contrast in {prm.contrast} and CNR in {prm.cnr} (tried {len(sites)} sites)")
+
+
+def _render(px, hp_grey, anat, site: _Site, shp: _Shape, prm: LesionParams, rng: np.random.Generator):
+    """Blend the lesion into ``px`` in a bounding box; returns (pixels, mask, texture blur)."""
+    from scipy.special import erfc
+
+    H, W = px.shape[:2]
+    colour = px.ndim == 3
+    R, r0, c0 = shp.R, site.r0, site.c0
+    half = int(np.ceil(max(shp.r_out, LOCAL_RADIUS * R))) + 1
+    y0, y1, x0, x1 = max(0, r0 - half), min(H, r0 + half + 1), max(0, c0 - half), min(W, c0 + half + 1)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dy, dx = yy - r0, xx - c0
+    rr, th = np.hypot(dy, dx), np.arctan2(dy, dx)
+    boundary = R * (1 + shp.a2 * np.cos(2 * (th - shp.ph2)) + shp.a4 * np.cos(4 * (th - shp.ph4)))
+    alpha = 0.5 * erfc((rr - boundary) / (np.sqrt(2) * shp.w))
+    alpha[alpha < 1e-3] = 0.0  # the lesion ends ~3 w beyond its boundary: pixels further out stay untouched
+    mask = np.zeros((H, W), bool)
+    mask[y0:y1, x0:x1] = rr <= boundary
+
+    rows, cols = np.mgrid[0:H, 0:W]
+    rho = _lag1(hp_grey, (np.hypot(rows - r0, cols - c0) <= LOCAL_RADIUS * R) & anat)
+    table = _noise_lag1_table()
+    blur = _NOISE_BLURS[int(np.argmin([abs(t - rho) for t in table]))]
+    tex = _texture(rng, (y1 - y0, x1 - x0), blur)
+
+    box = px[y0:y1, x0:x1]
+    cv = site.contrast * _direction(site.kind, colour)  # per-channel (or scalar) contrast
+    mu, sig_tex = site.mu, site.sig_tex
+    if colour:
+        a = alpha[..., None]
+        target = mu + cv + tex[..., None] * sig_tex
+    else:
+        a = alpha
+        target = float(mu[0]) + float(cv[0]) + tex * float(sig_tex[0])
+    if prm.opacity > 0:
+        new = box + a * prm.opacity * (target - box) + a * (1 - prm.opacity) * cv
+    else:
+        new = box + a * (cv if colour else float(cv[0]))
+    out = px.copy()
+    out[y0:y1, x0:x1] = np.clip(new, 0.0, 1.0)
+    return out, mask, blur
+
+
 def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius: float | None = None,
                   contrast: float | None = None, center: tuple[int, int] | None = None,
                   kind: str | None = None, quadrant: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -213,8 +429,8 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
             explicitly, it is used as is (sites with the headroom for it are preferred).
         center: (row, col) of the lesion centre; default a random valid site.
         kind: one of the modality's lesion kinds (e.g. 'haemorrhage', 'exudate'); default drawn.
-        quadrant: restrict the site to one image quadrant ('upper left', ..., see
-            `medqm.label.tasks.QUADRANTS`); lets a lesion set balance its quadrant answers.
+        quadrant: restrict the site to one image quadrant ('upper left', ..., see `QUADRANTS`); lets a
+            lesion set balance its quadrant answers.
 
     Returns:
         ``(pixels_out, mask, info)``: float32 pixels of the input's shape in [0, 1], the bool mask
@@ -224,185 +440,41 @@ def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius:
     Raises:
         ValueError: unknown modality or kind, bad shapes, or no site of the anatomy has room for the lesion.
     """
-    from scipy import ndimage
-    from scipy.special import erfc
-
     rng = np.random.default_rng(rng_or_seed)
     px = _check_pixels(pixels)
     mod, prm = _params_for(modality)
     H, W = px.shape[:2]
-    colour = px.ndim == 3
     if body_mask is None:
         anat = anatomy_mask(px)
     else:
         anat = np.asarray(body_mask).astype(bool)
         if anat.shape != (H, W):
             raise ValueError(f"body_mask must have the image's shape {(H, W)}, got {anat.shape}")
-
-    # --- lesion kind, size and shape (drawn first so the site search knows the footprint)
-    names = [k.name for k in prm.kinds]
-    if kind is not None:
-        if kind not in names:
-            raise ValueError(f"kind {kind!r} is not a {mod} lesion kind; expected one of {names}")
-        kinds = [prm.kinds[names.index(kind)]]
-    elif contrast is not None:
-        signed = [k for k in prm.kinds if k.sign == (1 if contrast >= 0 else -1)]
-        kinds = [signed[0] if signed else prm.kinds[0]]
-    else:
-        # the drawn kind first; the others only where it fits nowhere (a bright lesion in bright white matter)
-        first = int(rng.choice(len(prm.kinds), p=np.asarray(prm.kind_p)))
-        kinds = [prm.kinds[first]] + [k for i, k in enumerate(prm.kinds) if i != first]
-    scale = min(H, W) / 256.0
-    R = float(radius) if radius is not None else float(rng.uniform(*prm.radius)) * scale
-    if not R > 0:
-        raise ValueError(f"radius must be positive, got {radius}")
-    w = max(0.6, float(rng.uniform(*prm.edge)) * R)
-    a2, a4 = float(rng.uniform(0, 0.12)), float(rng.uniform(0, 0.06))
-    ph2, ph4 = rng.uniform(0, 2 * np.pi, 2)
-    r_out = R * (1 + a2 + a4) + 2 * w  # where α has fallen below ~2 %
-
-    def direction(lk: LesionKind) -> np.ndarray:
-        # contrast per channel with unit luminance: a grey lesion changes all channels alike, a grey image
-        # of a colour kind (a red-free fundus photograph) gets the luminance change only
-        if not colour:
-            return np.ones(1)
-        v = np.asarray(lk.colour if lk.colour is not None else (1.0, 1.0, 1.0), np.float64)
-        return v / float(v @ _LUMA)
-
-    # --- candidate sites
+    # lesion kind, size and shape are drawn first, so that the site search knows the footprint
+    kinds = _choose_kinds(prm, mod, rng, kind, contrast)
+    shp = _draw_shape(rng, prm, (H, W), radius)
     grey = _rgb_luma(px)
-    rows, cols = np.mgrid[0:H, 0:W]
-    if center is not None:
-        r0, c0 = int(round(center[0])), int(round(center[1]))
-        if not (0 <= r0 < H and 0 <= c0 < W):
-            raise ValueError(f"center {center} is outside the {H}×{W} image")
-        sites = np.array([r0 * W + c0])
-    else:
-        dist = ndimage.distance_transform_edt(np.pad(anat, 1))[1:-1, 1:-1]
-        band = max(2.0, R / 2)
-        ok = (dist >= r_out) & (rows >= r_out) & (rows <= H - 1 - r_out) & (cols >= r_out) & (cols <= W - 1 - r_out)
-        ok &= (np.abs(rows - (H - 1) / 2) >= band) & (np.abs(cols - (W - 1) / 2) >= band)
-        if quadrant is not None:
-            if quadrant not in QUADRANTS:
-                raise ValueError(f"quadrant must be one of {QUADRANTS}, got {quadrant!r}")
-            upper, left = quadrant.startswith("upper"), quadrant.endswith("left")
-            ok &= ((rows < (H - 1) / 2) == upper) & ((cols < (W - 1) / 2) == left)
-        cand = np.flatnonzero(ok)
-        if cand.size == 0:
-            where = f" in the {quadrant} quadrant" if quadrant else ""
-            raise ValueError(f"no room for a lesion of radius {R:.1f} px inside the anatomy{where} "
-                             f"({int(anat.sum())} anatomy pixels; pass body_mask or a smaller radius)")
-        # try the more homogeneous half of the sites first (parenchyma rather than organ borders), where a
-        # lesion's contrast is defined by its surroundings rather than by an edge next to it
-        size = int(2 * LOCAL_RADIUS * R) | 1
-        var = ndimage.uniform_filter(grey * grey, size) - ndimage.uniform_filter(grey, size) ** 2
-        local_sd = np.sqrt(np.maximum(var, 0)).ravel()[cand]
-        calm = local_sd <= np.median(local_sd)
-        n_calm = (3 * MAX_SITE_TRIES) // 4
-        sites = np.concatenate([rng.permutation(cand[calm])[:n_calm],
-                                rng.permutation(cand[~calm])[:MAX_SITE_TRIES - n_calm]])
-
+    sites = _candidate_sites(grey, anat, shp, rng, center, quadrant)
     hp = _highpass(px)
-    hp_grey = _rgb_luma(hp)
-    lo_c, hi_c = prm.contrast
-    chosen = None
-    reach = int(np.ceil(LOCAL_RADIUS * R)) + 1
-    for lk in kinds:
-        v = direction(lk)
-        for s in sites:
-            r0, c0 = divmod(int(s), W)
-            win = (slice(max(0, r0 - reach), min(H, r0 + reach + 1)), slice(max(0, c0 - reach), min(W, c0 + reach + 1)))
-            d = np.hypot(rows[win] - r0, cols[win] - c0)
-            local = (d <= LOCAL_RADIUS * R) & anat[win]
-            ring = local & (d >= r_out)
-            if ring.sum() < 12:
-                if center is None:
-                    continue
-                local = ring = d <= LOCAL_RADIUS * R  # an explicit centre off the anatomy: use what is there
-            pxw = px[win].reshape(ring.size, -1)
-            mu = pxw[ring.ravel()].mean(axis=0)
-            sig_tex = np.maximum(_robust_std(hp[win].reshape(ring.size, -1)[ring.ravel()]), TEXTURE_FLOOR)
-            sig_bg = max(float(grey[win][ring].std()), 1.0 / 255)
-            if prm.opacity > 0:
-                top = 0.98 - mu - 2 * sig_tex  # per channel room above, below
-                bottom = mu - 0.02 - 2 * sig_tex
-            else:
-                under = pxw[(d <= R).ravel()]
-                top = 0.98 - np.percentile(under, 95, axis=0)
-                bottom = np.percentile(under, 5, axis=0) - 0.02
-                # an added lesion keeps what lies under it: that must look like its surroundings, or the
-                # lesion's apparent contrast is the background's step rather than c
-                if center is None and abs(_lum(under.mean(axis=0)) - _lum(mu)) > 0.25 * sig_bg:
-                    continue
-            room = (top if lk.sign > 0 else bottom) / v
-            headroom = float(room.min())
-            if contrast is not None:
-                if headroom >= abs(contrast) or center is not None or chosen is None:
-                    chosen = (r0, c0, mu, sig_tex, sig_bg, float(contrast))
-                if headroom >= abs(contrast) or center is not None:
-                    break
-                continue
-            lo = max(lo_c, prm.cnr[0] * sig_bg)
-            hi = min(hi_c, prm.cnr[1] * sig_bg, headroom)
-            if lo <= hi:
-                chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(rng.uniform(lo, hi)))
-                break
-            if center is not None:  # no admissible contrast at the requested centre: take the nearest bound
-                chosen = (r0, c0, mu, sig_tex, sig_bg, lk.sign * float(max(min(lo, headroom), 0.0)))
-        if chosen is not None:
-            break
-    if chosen is None:
-        raise ValueError(f"no site in the anatomy admits a {mod} lesion ({', '.join(k.name for k in kinds)}) of radius "
-                         f"{R:.1f} px with contrast in {prm.contrast} and CNR in {prm.cnr} (tried {len(sites)} sites)")
-    r0, c0, mu, sig_tex, sig_bg, c = chosen
-
-    # --- render in a bounding box
-    half = int(np.ceil(max(r_out, LOCAL_RADIUS * R))) + 1
-    y0, y1, x0, x1 = max(0, r0 - half), min(H, r0 + half + 1), max(0, c0 - half), min(W, c0 + half + 1)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    dy, dx = yy - r0, xx - c0
-    rr, th = np.hypot(dy, dx), np.arctan2(dy, dx)
-    boundary = R * (1 + a2 * np.cos(2 * (th - ph2)) + a4 * np.cos(4 * (th - ph4)))
-    alpha = 0.5 * erfc((rr - boundary) / (np.sqrt(2) * w))
-    alpha[alpha < 1e-3] = 0.0  # the lesion ends ~3 w beyond its boundary: pixels further out stay untouched
-    mask = np.zeros((H, W), bool)
-    mask[y0:y1, x0:x1] = rr <= boundary
-
-    rho = _lag1(hp_grey, (np.hypot(rows - r0, cols - c0) <= LOCAL_RADIUS * R) & anat)
-    table = _noise_lag1_table()
-    blur = _NOISE_BLURS[int(np.argmin([abs(t - rho) for t in table]))]
-    tex = _texture(rng, (y1 - y0, x1 - x0), blur)
-
-    box = px[y0:y1, x0:x1]
-    cv = c * v  # per-channel (or scalar) contrast
-    if colour:
-        a = alpha[..., None]
-        target = mu + cv + tex[..., None] * sig_tex
-    else:
-        a = alpha
-        target = float(mu[0]) + float(cv[0]) + tex * float(sig_tex[0])
-    if prm.opacity > 0:
-        new = box + a * prm.opacity * (target - box) + a * (1 - prm.opacity) * cv
-    else:
-        new = box + a * (cv if colour else float(cv[0]))
-    out = px.copy()
-    out[y0:y1, x0:x1] = np.clip(new, 0.0, 1.0)
-
+    site = _choose_site(px, grey, hp, anat, sites, kinds, shp, prm, rng, mod=mod, contrast=contrast,
+                        explicit=center is not None)
+    out, mask, blur = _render(px, _rgb_luma(hp), anat, site, shp, prm, rng)
+    c = site.contrast
     info = {
-        "center": (r0, c0),
-        "radius": R,
+        "center": (site.r0, site.c0),
+        "radius": shp.R,
         "contrast": c,
-        "quadrant": image_quadrant(r0, c0, (H, W)),
-        "kind": lk.name,
+        "quadrant": image_quadrant(site.r0, site.c0, (H, W)),
+        "kind": site.kind.name,
         "modality": mod,
-        "edge_width": w,
-        "lobulation": (a2, a4),
+        "edge_width": shp.w,
+        "lobulation": (shp.a2, shp.a4),
         "opacity": prm.opacity,
-        "local_mean": _lum(mu),
-        "local_std": sig_bg,
-        "texture_std": _lum(sig_tex),
+        "local_mean": _lum(site.mu),
+        "local_std": site.sig_bg,
+        "texture_std": _lum(site.sig_tex),
         "texture_blur": blur,
-        "cnr": abs(c) / sig_bg,
+        "cnr": abs(c) / site.sig_bg,
     }
     return out.astype(np.float32), mask, info
 
@@ -417,7 +489,7 @@ LESION_COLUMNS = ("lesion_center_row", "lesion_center_col", "lesion_radius", "le
                   "background_id", "background_lesion")
 
 
-def _spread_order(n: int) -> list[int]:
+def spread_order(n: int) -> list[int]:
     """Indices 0..n-1 ordered so that every prefix is spread over the range (middle first, then quarters…)."""
     order, seen, k = [], set(), 1
     while len(order) < n and k < 64 * n + 64:
@@ -437,8 +509,57 @@ def _spread_order(n: int) -> list[int]:
 def _save_png(arr: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, optimize=False)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG", optimize=False)
+
+
+def _background_queues(g) -> list[list]:
+    """One queue of manifest rows per case (sorted by case id), each spread over the case (`spread_order`)."""
+    queues = []
+    for _, c in sorted(g.groupby("case_id", sort=True), key=lambda kv: kv[0]):
+        c = c.sort_values("id")
+        queues.append([c.iloc[i] for i in spread_order(len(c))])
+    return queues
+
+
+def _hybrids(px: np.ndarray, mod: str, bg_id: str, *, done: int, variants: int, seed: int) -> list | None:
+    """``variants`` `insert_lesion` results for one background, aimed at the quadrants in turn from ``done``
+    (another quadrant where that one has no room); None when the background has no room for them all."""
+    made = []
+    for k in range(1, variants + 1):
+        first = (done + k - 1) % len(QUADRANTS)
+        for attempt in range(len(QUADRANTS)):
+            quad = QUADRANTS[(first + attempt) % len(QUADRANTS)]
+            rng = np.random.default_rng([seed, k, attempt, zlib.crc32(bg_id.encode())])
+            try:
+                made.append(insert_lesion(px, rng_or_seed=rng, modality=mod, quadrant=quad))
+                break
+            except ValueError:
+                continue
+        if len(made) < k:
+            return None
+    return made
+
+
+def _write_background(out_dir: Path, mod: str, bg, img, made: list, base: dict) -> list[dict[str, Any]]:
+    """Save one background's negative copy and its hybrids (images and masks); returns their manifest rows."""
+    bg_id = str(bg["id"])
+    bg_lesion = str(bg.get("lesion", "")).strip()
+    neg_id = f"{bg_id}-synneg"
+    _save_png(img.to_uint8(), out_dir / "images" / mod / f"{neg_id}.png")
+    _save_png(np.zeros(img.pixels.shape[:2], np.uint8), out_dir / "masks" / f"{neg_id}.png")
+    rows = [{**base, "id": neg_id, "lesion": 0, "mask": f"masks/{neg_id}.png", "path": f"images/{mod}/{neg_id}.png",
+             **{c: "" for c in LESION_COLUMNS}, "background_id": bg_id, "background_lesion": bg_lesion}]
+    for k, (out, mask, info) in enumerate(made, start=1):
+        pid = f"{bg_id}-synles{k}"
+        _save_png(np.round(out * 255).astype(np.uint8), out_dir / "images" / mod / f"{pid}.png")
+        _save_png(mask.astype(np.uint8) * 255, out_dir / "masks" / f"{pid}.png")
+        rows.append({**base, "id": pid, "lesion": 1, "mask": f"masks/{pid}.png", "path": f"images/{mod}/{pid}.png",
+                     "source_file": f"synthetic lesion on {bg_id}",
+                     "lesion_center_row": info["center"][0], "lesion_center_col": info["center"][1],
+                     "lesion_radius": round(info["radius"], 3), "lesion_contrast": round(info["contrast"], 4),
+                     "lesion_kind": info["kind"], "background_id": bg_id, "background_lesion": bg_lesion})
+    return rows
 
 
 def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None = None, variants: int = 1,
@@ -462,7 +583,7 @@ def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None 
     ``out_dir`` receives ``images/<MOD>/<id>.png`` (8-bit, L or RGB as the background), ``masks/<id>.png``
     (0/255; all zero for negatives) and ``manifest.csv`` in the demo schema plus the columns in
     `LESION_COLUMNS` (the lesion_* ones empty on negative rows); the manifest is rewritten, other files
-    already there are left alone. Returns the manifest rows as dicts.
+    already there are left alone. Every file is written atomically. Returns the manifest rows as dicts.
     """
     from medqm.io.collection import MANIFEST, load_manifest, read_collection_image
 
@@ -479,10 +600,7 @@ def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None 
         g = df[df["modality"] == mod]
         if "lesion" in g:
             g = g[g["lesion"].astype(str).str.strip() != "1"]
-        queues = []
-        for _, c in sorted(g.groupby("case_id", sort=True), key=lambda kv: kv[0]):
-            c = c.sort_values("id")
-            queues.append([c.iloc[i] for i in _spread_order(len(c))])
+        queues = _background_queues(g)
         done = 0
         while done < want and any(queues):
             for q in queues:
@@ -490,50 +608,27 @@ def make_lesion_set(collection, out_dir, *, per_modality: dict[str, int] | None 
                     continue
                 bg = q.pop(0)
                 img = read_collection_image(bg)
-                px = img.pixels
-                made = []
-                for k in range(1, variants + 1):
-                    # target quadrants in turn so the quadrant answers are balanced; fall back to the others
-                    first = (done + k - 1) % len(QUADRANTS)
-                    for attempt in range(len(QUADRANTS)):
-                        quad = QUADRANTS[(first + attempt) % len(QUADRANTS)]
-                        rng = np.random.default_rng([seed, k, attempt, zlib.crc32(str(bg["id"]).encode())])
-                        try:
-                            made.append(insert_lesion(px, rng_or_seed=rng, modality=mod, quadrant=quad))
-                            break
-                        except ValueError:
-                            continue
-                    if len(made) < k:
-                        break
-                if len(made) < variants:
+                made = _hybrids(img.pixels, mod, str(bg["id"]), done=done, variants=variants, seed=seed)
+                if made is None:
                     continue
                 done += 1
-                bg_id = str(bg["id"])
-                bg_lesion = str(bg.get("lesion", "")).strip()
-                base = {c: bg[c] for c in base_cols}
-                neg_id = f"{bg_id}-synneg"
-                _save_png(img.to_uint8(), out_dir / "images" / mod / f"{neg_id}.png")
-                _save_png(np.zeros(px.shape[:2], np.uint8), out_dir / "masks" / f"{neg_id}.png")
-                rows.append({**base, "id": neg_id, "lesion": 0, "mask": f"masks/{neg_id}.png",
-                             "path": f"images/{mod}/{neg_id}.png", **{c: "" for c in LESION_COLUMNS},
-                             "background_id": bg_id, "background_lesion": bg_lesion})
-                for k, (out, mask, info) in enumerate(made, start=1):
-                    pid = f"{bg_id}-synles{k}"
-                    _save_png(np.round(out * 255).astype(np.uint8), out_dir / "images" / mod / f"{pid}.png")
-                    _save_png(mask.astype(np.uint8) * 255, out_dir / "masks" / f"{pid}.png")
-                    rows.append({**base, "id": pid, "lesion": 1, "mask": f"masks/{pid}.png",
-                                 "path": f"images/{mod}/{pid}.png", "source_file": f"synthetic lesion on {bg_id}",
-                                 "lesion_center_row": info["center"][0], "lesion_center_col": info["center"][1],
-                                 "lesion_radius": round(info["radius"], 3), "lesion_contrast": round(info["contrast"], 4),
-                                 "lesion_kind": info["kind"], "background_id": bg_id, "background_lesion": bg_lesion})
-    out_dir.mkdir(parents=True, exist_ok=True)
+                rows += _write_background(out_dir, mod, bg, img, made, {c: bg[c] for c in base_cols})
     cols = base_cols + [c for c in LESION_COLUMNS if c not in base_cols]
-    with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(out_dir / MANIFEST) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         wr.writeheader()
         wr.writerows(rows)
     return rows
 
 
-__all__ = ["LESION_PARAMS", "LesionParams", "LesionKind", "DEFAULT_PER_MODALITY", "LESION_COLUMNS", "anatomy_mask",
-           "insert_lesion", "make_lesion_set"]
+__all__ = [
+    "DEFAULT_PER_MODALITY",
+    "LESION_COLUMNS",
+    "LESION_PARAMS",
+    "LesionKind",
+    "LesionParams",
+    "anatomy_mask",
+    "insert_lesion",
+    "make_lesion_set",
+    "spread_order",
+]

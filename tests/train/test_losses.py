@@ -1,10 +1,9 @@
-"""Losses and agreement metrics."""
+"""Training losses (the agreement metrics are tested with `medqm.metrics`, in tests/evaluate/test_metrics.py)."""
 
-import numpy as np
 import pytest
 import torch
 
-from medqm.train import QualityLoss, correlations, pairwise_rank_loss, plcc_loss
+from medqm.train import QualityLoss, pairwise_rank_loss, plcc_loss
 
 
 def test_plcc_loss():
@@ -31,10 +30,3 @@ def test_quality_loss_combines_terms():
     with pytest.raises(ValueError, match="rank must be"):
         QualityLoss(rank="listwise")
 
-
-def test_correlations():
-    m = correlations([1, 2, 3, 4], [10, 20, 30, 45])
-    assert m["srcc"] == pytest.approx(1.0) and m["krcc"] == pytest.approx(1.0) and m["n"] == 4
-    assert np.isnan(correlations([1, 1, 1], [1, 2, 3])["srcc"])
-    with pytest.raises(ValueError, match="differ in length"):
-        correlations([1, 2], [1])

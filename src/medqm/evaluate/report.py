@@ -1,4 +1,8 @@
-"""The evaluation report: metrics.json, report.md, a self-contained report.html, and the figures as PNG files.
+"""The evaluation report: report.md, a self-contained report.html, and the figures as PNG files.
+
+``metrics.json``, the numbers the report is drawn from, is written once by `medqm.evaluate.runner.evaluate`,
+after the report (so it carries the final timings). `HEADLINE_HEADER` and `headline_rows` give the headline
+table to other front ends (`medqm evaluate`, `medqm demo`).
 
 The HTML embeds every picture as a base64 PNG and its style inline, so the one file opens offline and can be
 mailed around. Figures are drawn with matplotlib's object API (no pyplot state, no display needed).
@@ -9,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,7 +135,7 @@ def _modality_colours(mods: Sequence[str]) -> dict[str, Any]:
 
 def fig_scatter(metrics: dict, rows, methods, *, max_points: int = 2500, seed: int = 0) -> bytes:
     """Predicted (sign-aligned) vs label, one panel per method, coloured by modality, with the fitted logistic."""
-    from .metrics import LogisticFit
+    from medqm.metrics import LogisticFit
 
     names = ordered_methods(metrics)
     by = {m.name: m for m in methods}
@@ -422,11 +425,7 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
 
 def write_report(metrics: dict, rows, methods, out: Path, *, gallery: list[dict] | None = None,
                  all_labels: np.ndarray | None = None) -> dict[str, Path]:
-    """Write metrics.json, report.md, report.html and figures/*.png into ``out``; returns their paths."""
-    from medqm._fs import atomic_path
-
-    from .runner import _jsonable
-
+    """Write report.md, report.html and figures/*.png into ``out``; returns their paths (metrics.json: the caller)."""
     out = Path(out)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
@@ -439,9 +438,6 @@ def write_report(metrics: dict, rows, methods, out: Path, *, gallery: list[dict]
     for k, b in pngs.items():
         files[f"figures/{k}.png"] = figdir / f"{k}.png"
         (figdir / f"{k}.png").write_bytes(b)
-    files["metrics.json"] = out / "metrics.json"
-    with atomic_path(files["metrics.json"]) as tmp:
-        tmp.write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     files["report.md"] = out / "report.md"
     write_markdown(metrics, files["report.md"], {k: f"figures/{k}.png" for k in ("srcc", "severity", "scatter")
                                                  if k in pngs})

@@ -1,0 +1,41 @@
+"""Helpers shared by the command modules: the console, window parsing, settings files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def get_console():
+    """Rich console; when output is piped or captured, wide enough that tables are not truncated."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def parse_window(window: Optional[str]):
+    if window is None:
+        return None
+    if "," in window:
+        try:
+            center, width = (float(v) for v in window.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"window {window!r}: expected a preset name or CENTER,WIDTH") from None
+        return (center, width)
+    return window
+
+
+def read_settings(path: Path) -> dict:
+    import json
+
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of training settings")
+    return data

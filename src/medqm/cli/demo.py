@@ -1,0 +1,65 @@
+"""`medqm demo`: the whole pipeline, offline, with a summary of its stages and headline metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medqm.cli._common import get_console, read_settings
+
+
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder; rerun to reuse finished stages or resume."),
+    quick: bool = typer.Option(False, "--quick", help="A handful of cases, 2 levels, few epochs (about a minute)."),
+    model: Optional[str] = typer.Option(None, help="Diagnostic VLM: local HF folder or hub id (default: the shipped "
+                                                   "stand-in VLM)."),
+    collection: Optional[Path] = typer.Option(None, help="Collection folder with manifest.csv (default: data/demo)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads and worker processes (default: all cores)."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of demo settings (medqm.demo.DemoConfig fields: "
+                                                      "refs_per_case, plan, epochs, n_boot…) over the preset."),
+):
+    """The whole pipeline, offline: distort → label (MedQM-D) → train MedQM-I and baselines → evaluate → report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = get_console()
+    try:
+        from medqm.demo import STAGES, DemoError, demo_config, headline, run_demo
+
+        settings = read_settings(config) if config else {}
+        settings.update({k: v for k, v in {"out": str(out), "vlm": model, "threads": threads,
+                                           "collection": str(collection) if collection else None}.items()
+                         if v is not None})
+        cfg = demo_config("quick" if quick else "full", **settings)
+        console.print(f"medqm demo ({cfg.preset}) → {out}", highlight=False)
+        columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as bar:
+            tasks = {}
+
+            def progress(what, done, total):
+                if what not in tasks:
+                    tasks[what] = bar.add_task(what, total=total)
+                bar.update(tasks[what], completed=done, total=total)
+
+            result = run_demo(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
+    except (DemoError, ValueError, FileNotFoundError, ImportError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(code=2)
+    times = Table("stage", "status", "seconds", "folder", title="stages")
+    for name in STAGES:
+        r = result.stages[name]
+        times.add_row(name, "reused" if r.cached else "ran", f"{r.seconds:.1f}", r.dir.name)
+    times.add_row("total", "", f"{result.seconds:.1f}", str(out))
+    console.print(times)
+    header, rows = headline(result.metrics)
+    info = result.metrics["test_set"]
+    table = Table(*header, title=f"agreement with the MedQM-D labels on {info['n_images']} held-out images "
+                                 f"of {info['n_cases']} cases")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for line in result.metrics.get("label_reliability", {}).get("text", [])[:2]:
+        console.print(f"• {line}", highlight=False)
+    console.print(f"report: {result.report_html} (stage folder {result.stages['evaluate'].dir})", highlight=False)
