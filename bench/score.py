@@ -57,8 +57,9 @@ def _rate(fn, items, min_seconds: float = 5.0) -> float:
 
 def worker(method: str, images_path: str, model: str | None, threads: int, batch_size: int, n_single: int) -> dict:
     imgs = np.load(images_path)
-    gray = np.isclose(imgs[..., 0], imgs[..., 1]).all(axis=(1, 2)) & np.isclose(imgs[..., 1], imgs[..., 2]).all(axis=(1, 2))
-    as_images = [im[..., 0] if g else im for im, g in zip(imgs, gray)]
+    gray = (np.isclose(imgs[..., 0], imgs[..., 1]).all(axis=(1, 2))
+            & np.isclose(imgs[..., 1], imgs[..., 2]).all(axis=(1, 2)))
+    as_images = [im[..., 0] if g else im for im, g in zip(imgs, gray, strict=True)]
     batches = [as_images[i : i + batch_size] for i in range(0, len(as_images), batch_size)]
     singles = [[im] for im in as_images[:n_single]]
     if method.startswith("medqm"):
@@ -134,7 +135,8 @@ def main() -> None:
     brisque_rate = results.get("brisque", {}).get("batch_images_per_s")
     load = os.getloadavg()[0]
     print(json.dumps({
-        "bench": "score", "image_size": SIZE, "n_images": args.n, "threads": args.threads, "batch_size": args.batch_size,
+        "bench": "score", "image_size": SIZE, "n_images": args.n, "threads": args.threads,
+        "batch_size": args.batch_size,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "load_avg_1min": round(load, 2),
         "model": args.model or "untrained medqm_i (speed only)", "methods": results, "errors": errors,
         "goal_batch_images_per_s": GOAL, "meets_goal": bool(best and best >= GOAL),

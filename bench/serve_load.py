@@ -119,7 +119,7 @@ async def _load(port: int, request: bytes, clients: int, duration: float, honour
                 if conn is None:
                     conn = await asyncio.open_connection(HOST, port)
                 status, body, keep, retry_after = await asyncio.wait_for(_exchange(*conn, request), 120)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as e:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
                 errors["transport"] += 1
                 kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
                 if conn is not None:

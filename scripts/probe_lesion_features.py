@@ -143,7 +143,8 @@ def main(argv=None) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        results[f"linear_stride{stride}"] = {"features": list(X.shape[1:]), **evaluate(lambda j: head(X[j]))}
+        results[f"linear_stride{stride}"] = {"features": list(X.shape[1:]),
+                                             **evaluate(lambda j, head=head, X=X: head(X[j]))}
         print(f"linear stride {stride}: {results[f'linear_stride{stride}']}", file=sys.stderr, flush=True)
 
     class Top(nn.Module):
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
     top.eval()
-    results["finetune_top_stride32"] = {"steps": args.steps, "trainable_params": sum(p.numel() for p in top.parameters()),
+    results["finetune_top_stride32"] = {"steps": args.steps,
+                                        "trainable_params": sum(p.numel() for p in top.parameters()),
                                         **evaluate(lambda j: top(H[j]))}
     out = {"probe": "lesion_present / quadrant from the frozen tower's features", "lesion_set": str(args.lesions),
            "images": int(len(man)), "train_images": int(tr.sum()), "heldout_images": int(va.sum()),

@@ -45,7 +45,8 @@ def main() -> int:
     ap.add_argument("--max-images", type=int, default=None, help="random subset, for quick runs")
     ap.add_argument("--cache", default=None, help="backbone feature cache folder")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--install-default", action="store_true", help="ship the full model as the package's default checkpoint")
+    ap.add_argument("--install-default", action="store_true",
+                    help="ship the full model as the package's default checkpoint")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--install-from", default=None, help="install this already trained checkpoint folder (e.g. "
                     "runs/demo/train-<key>/medqm_i from `medqm demo`) as the default, without training")
@@ -60,7 +61,8 @@ def main() -> int:
     for name in models:
         print(f"== {name}", flush=True)
         cfg = TrainConfig(labels=args.labels, out=str(out / name), model=name, model_kwargs={"img_size": args.img_size},
-                          epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed,
                           split_file=split_file, max_images=args.max_images, cache_dir=args.cache, device=args.device)
         r = train(cfg, log=lambda m: print(m, flush=True))
         split_file = split_file or str(out / name / "split.csv")
@@ -86,7 +88,8 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {name} | {r['params'] / 1e6:.2f} M | {f(r['test_srcc'])} | {f(r['test_plcc_raw'])} | {f(r['test_krcc'])} | "
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f} M | {f(r['test_srcc'])} | {f(r['test_plcc_raw'])} | "
+                     f"{f(r['test_krcc'])} | "
                      f"{f(r['test_rmse_raw'])} | {f(r['val_srcc'])} | {r['best_epoch']}/{r['epochs_run']} |")
     table = "\n".join(lines)
     (out / "comparison.md").write_text(f"Labels: {summary['labels']} (model {summary['label_model_id']})\n\n"
@@ -134,7 +137,8 @@ def install(src: Path, summary: dict) -> Path:
         f"Trained by `{summary['command']}` on the label set {summary['labels']} "
         f"(labelled by {summary['label_model_id']!r}), frozen ImageNet EfficientNet-Lite0 backbone.\n\n"
         f"Held-out cases: SRCC {r['test_srcc']:.4f}, PLCC_raw {r['test_plcc_raw']:.4f}, KRCC {r['test_krcc']:.4f}, "
-        f"RMSE_raw {r['test_rmse_raw']:.4f} (n = {r['test_n']}); split in split.csv, per-epoch metrics in metrics.csv.\n\n"
+        f"RMSE_raw {r['test_rmse_raw']:.4f} (n = {r['test_n']}); split in split.csv, "
+        "per-epoch metrics in metrics.csv.\n\n"
         "It predicts how well *that* labelling model could still answer diagnostic questions about an image of the "
         "demo collection's kinds; it is a demonstration, not a clinical device.\n")
     print(f"installed {dst}")

@@ -1,8 +1,10 @@
 """`medqm demo --quick` end to end: every stage on the bundled collection, the report, caching and resuming.
 
-The diagnostic model is a small random stand-in with the shipped model's architecture family (built here in
-seconds, `medqm.label.standin.build_demo_vlm` at 64 px), so the test neither waits for nor depends on the
-trained stand-in VLM; `--model` is the option a user would pass for their own MLLM.
+The diagnostic model is a small untrained stand-in with the shipped model's architecture family (built here in
+seconds, `medqm.label.standin.build_demo_vlm` at 64 px, with the ImageNet vision tower: a randomly initialised
+tower's features vanish, ~1e-22, so every image would get the same answer likelihoods and constant labels), so
+the test neither waits for nor depends on the trained stand-in VLM; `--model` is the option a user would pass
+for their own MLLM.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from medqm.demo import MODEL_NAMES, STAGES, DemoConfig, DemoError, demo_config, 
 
 TINY_ARCH = {"image_size": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_mlp": 128}
 HEADLINE_METHODS = [*MODEL_NAMES.values(), "NIQE", "BRISQUE", "PIQE"]
+# the kind column, as the README's table prints it (known here, not read from the run)
+HEADLINE_KINDS = {"MedQM-I": "main", "MedQM-I no priors": "ablation", "MedQM-I no queries": "ablation",
+                  "MedQM-I single head": "ablation", "deep baseline": "deep", "NIQE": "classical",
+                  "BRISQUE": "classical", "PIQE": "classical"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def tiny_vlm(tmp_path_factory) -> Path:
     from medqm.label.tasks import demo_questions
 
     corpus = tokenizer_corpus(demo_questions(default_collection()))
-    model, processor = build_demo_vlm(corpus, arch={**DEMO_VLM_ARCH, **TINY_ARCH}, pretrained=False)
+    model, processor = build_demo_vlm(corpus, arch={**DEMO_VLM_ARCH, **TINY_ARCH}, pretrained=True)
     return save_demo_vlm(model, processor, tmp_path_factory.mktemp("vlm") / "tiny-demo-vlm")
 
 
@@ -76,7 +82,8 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
     out, output, _ = first_run
     assert _status(output) == dict.fromkeys(STAGES, "ran")
     for method in HEADLINE_METHODS:  # the headline table: MedQM-I, ablations, deep baseline, NIQE, BRISQUE, PIQE
-        assert re.search(rf"│ {re.escape(method)}\s+│ (main|deep|classical)\s+│ -?\d\.\d{{3}} \[", output), method
+        kind = HEADLINE_KINDS[method]
+        assert re.search(rf"│ {re.escape(method)}\s+│ {kind}\s+│ -?\d\.\d{{3}} \[", output), method
     report = out / "report.html"
     assert f"report: {report}" in output.replace("\n", "")
     html = report.read_text(encoding="utf-8")
@@ -84,7 +91,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
 
     summary = json.loads((out / "demo.json").read_text())
     assert list(summary["stages"]) == list(STAGES) and summary["config"]["preset"] == "quick"
-    assert set(summary["seconds"]) == {*STAGES, "total"} and summary["seconds"]["total"] < 180
+    assert set(summary["seconds"]) == {*STAGES, "total"}
     stages = {n: Path(s["dir"]) for n, s in summary["stages"].items()}
     for name, folder in stages.items():
         stamp = json.loads((folder / "stage.json").read_text())
@@ -109,9 +116,8 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
 
 def test_a_second_run_reuses_every_stage(first_run, tiny_vlm):
     out, first, _ = first_run
-    output, seconds = _demo(out, tiny_vlm)
-    assert _status(output) == dict.fromkeys(STAGES, "reused")
-    assert seconds < 30
+    output, _ = _demo(out, tiny_vlm)
+    assert _status(output) == dict.fromkeys(STAGES, "reused")  # nothing recomputed (no clock: reuse is the test)
     table = [ln for ln in first.splitlines() if ln.startswith("│ MedQM-I ")]
     assert table and table[0] in output  # the same headline numbers
 

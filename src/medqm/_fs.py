@@ -32,13 +32,19 @@ def write_parquet(table, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_json(obj, path: str | Path, *, indent: int | None = 2, sort_keys: bool = False, default=None,
-               allow_nan: bool = True) -> Path:
-    """Write ``obj`` as JSON (UTF-8, one trailing newline) atomically; the keywords are `json.dumps`'s."""
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, allow_nan=allow_nan)
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8) atomically: readers see the old file or the whole new one."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_json(obj, path: str | Path, *, indent: int | None = 2, sort_keys: bool = False, default=None,
+               allow_nan: bool = True, ensure_ascii: bool = True) -> Path:
+    """Write ``obj`` as JSON (UTF-8, one trailing newline) atomically; the keywords are `json.dumps`'s."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, allow_nan=allow_nan,
+                      ensure_ascii=ensure_ascii)
+    return write_text(text + "\n", path)
 
 
 def write_records_csv(path: str | Path, rows: Sequence[dict], fieldnames: Sequence[str]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 
-def efficientnet_lite0_imagenet() -> "OrderedDict[str, object]":
+def efficientnet_lite0_imagenet() -> OrderedDict[str, object]:
     """The ImageNet state dict under timm's ``tf_efficientnet_lite0`` key names (loads strictly).
 
     The package stores lukemelas/EfficientNet-PyTorch key names; its tensors are in timm's order with equal
@@ -28,7 +28,7 @@ def efficientnet_lite0_imagenet() -> "OrderedDict[str, object]":
     if len(source) != len(target):
         raise ValueError(f"EfficientNet-Lite0 weights: {len(source)} tensors, timm expects {len(target)}")
     mapped = OrderedDict()
-    for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
+    for (tk, tv), (sk, sv) in zip(target.items(), source.items(), strict=True):
         if tv.shape != sv.shape:
             raise ValueError(f"EfficientNet-Lite0 weights: {sk} {tuple(sv.shape)} does not fit timm's {tk} "
                              f"{tuple(tv.shape)}")

@@ -236,7 +236,8 @@ def fit_logistic(pred, target, *, init: Sequence[float] | None = None, maxfev: i
 
 
 # ------------------------------------------------------------------------------------------- one-shot agreement
-def _agreement(p: np.ndarray, t: np.ndarray, *, init=None, with_krcc: bool = True) -> tuple[dict[str, float], LogisticFit | None]:
+def _agreement(p: np.ndarray, t: np.ndarray, *, init=None,
+               with_krcc: bool = True) -> tuple[dict[str, float], LogisticFit | None]:
     nan = float("nan")
     if _degenerate(p, t):
         return {"srcc": nan, "krcc": nan, "plcc": nan, "plcc_raw": nan, "rmse": nan}, None

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from medqm.distort import DistortionNotApplicable, create_distortion, distort, list_distortions
-from medqm.distort import ct
+from medqm.distort import DistortionNotApplicable, create_distortion, ct, distort, list_distortions
 from medqm.distort.calibration import reference_sample, ssim
 from medqm.io.collection import default_collection
 

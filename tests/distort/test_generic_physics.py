@@ -24,7 +24,7 @@ def test_poisson_noise_variance_is_mean_over_photons():
 
 def test_bit_depth_levels():
     ramp = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (8, 1))
-    for level, bits in zip(range(1, 6), (6, 5, 4, 3, 2)):
+    for level, bits in zip(range(1, 6), (6, 5, 4, 3, 2), strict=True):
         assert len(np.unique(create_distortion("bit_depth")(ramp, level).pixels)) == 2**bits
 
 

@@ -91,7 +91,7 @@ def test_ssim_decreases_with_level(name, mr_images):
     d = create_distortion(name)
     med = [np.median([ssim(r.pixels, d(r, level, 0).pixels) for r in mr_images]) for level in range(1, 6)]
     assert med[0] >= 0.9, med
-    assert all(b < a for a, b in zip(med, med[1:])), med
+    assert all(b < a for a, b in zip(med, med[1:], strict=False)), med
 
 
 # --- physics -------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def test_manifest_contents_and_replay(small_collection, tmp_path):
     m = read_manifest(out)
     # generic types on all 6 images, speckle on 2 US, stain_shift on 2 PATH; × 2 levels × 2 seeds
     assert len(m) == summary.total == (3 * 6 + 2 + 2) * 2 * 2
-    assert list(m.columns) == ["dist_id", "ref_id", "case_id", "modality", "type", "level", "seed", "params", "path", "ref_path"]
+    assert list(m.columns) == ["dist_id", "ref_id", "case_id", "modality", "type", "level", "seed", "params", "path",
+                               "ref_path"]
     assert m.dist_id.is_unique and (m.dist_id == sorted(m.dist_id)).all()
     assert set(m[m.type == "speckle"].modality) == {"US"}
     row = m[(m.type == "gaussian_noise") & (m.level == 3)].iloc[0]
@@ -58,7 +59,8 @@ def test_manifest_contents_and_replay(small_collection, tmp_path):
     stored = read_image(out / row.path).pixels
     replayed = create_distortion("gaussian_noise").replay(ref.pixels, json.loads(row.params))
     np.testing.assert_array_equal(stored, np.round(replayed * 255) / 255)  # PNG keeps 8 bits
-    meta = json.loads(__import__("pyarrow.parquet", fromlist=["x"]).read_schema(out / "manifest.parquet").metadata[b"medqm"])
+    meta = json.loads(
+        __import__("pyarrow.parquet", fromlist=["x"]).read_schema(out / "manifest.parquet").metadata[b"medqm"])
     assert meta["plan"]["types"] == PLAN["types"]
 
 

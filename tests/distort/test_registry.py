@@ -117,7 +117,8 @@ def test_replay_raises_on_a_broken_output_and_never_repairs_it():
         _broken("nan")(px, 1, seed=0, force=True)
     with pytest.raises(DistortionOutputError, match=r"changed the shape \(8, 8\) → \(7, 8\)"):
         _broken("shape").replay(px, {"gain": 1.0})
-    with pytest.raises(DistortionOutputError, match=r"with parameters \{'gain': 1\.01\} produced values in \[0, 1\.01\]"):
+    with pytest.raises(DistortionOutputError,
+                       match=r"with parameters \{'gain': 1\.01\} produced values in \[0, 1\.01\]"):
         _broken("range").replay(px, {"gain": 1.01})  # no level given: the parameters still say which call
     # an output within the contract comes back as it was: nothing clipped, nothing replaced
     out = _broken("range")(px * 0.5, 2, seed=0, force=True).pixels

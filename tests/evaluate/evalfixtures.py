@@ -23,7 +23,8 @@ def _reference(rng: np.random.Generator, size: int = 128) -> np.ndarray:
     base = gaussian_filter(rng.random((size, size)), 6)
     base = (base - base.min()) / (np.ptp(base) + 1e-9)
     yy, xx = np.mgrid[:size, :size]
-    shapes = ((xx - rng.integers(30, 100)) ** 2 + (yy - rng.integers(30, 100)) ** 2 < rng.integers(200, 900)).astype(float)
+    shapes = ((xx - rng.integers(30, 100)) ** 2 + (yy - rng.integers(30, 100)) ** 2
+              < rng.integers(200, 900)).astype(float)
     tex = gaussian_filter(rng.random((size, size)), 1.0)
     img = 0.55 * base + 0.3 * shapes + 0.15 * (tex - tex.mean()) / (tex.std() + 1e-9) * 0.3 + 0.1
     return np.clip(img, 0, 1)

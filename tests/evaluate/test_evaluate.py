@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from evalfixtures import CASES, SPLIT, split_csv  # tests/evaluate, on sys.path via conftest.py
 from typer.testing import CliRunner
 
-from evalfixtures import CASES, SPLIT, split_csv  # tests/evaluate, on sys.path via conftest.py
 from medqm.cli import app
-from medqm.evaluate import EvalConfig, create_baseline, evaluate, list_baselines
-from medqm.evaluate import _scoring
+from medqm.evaluate import EvalConfig, _scoring, create_baseline, evaluate, list_baselines
 from medqm.evaluate.runner import describe_agreement, resolve_compare
 from medqm.io import read_image
 from medqm.train import SplitLeakageError
@@ -26,8 +25,10 @@ N_BOOT = 40
 @pytest.fixture(scope="module")
 def report(labels, checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report"
-    r = CliRunner().invoke(app, ["evaluate", "--labels", str(labels), "--model", str(checkpoints["main"]), "--out", str(out),
-                                 "--compare", f"plain={checkpoints['plain']}", "--n-boot", str(N_BOOT), "--runtime", "torch",
+    r = CliRunner().invoke(app, ["evaluate", "--labels", str(labels), "--model", str(checkpoints["main"]), "--out",
+                                 str(out),
+                                 "--compare", f"plain={checkpoints['plain']}", "--n-boot", str(N_BOOT), "--runtime",
+                                 "torch",
                                  "--threads", "1", "--gallery", "3"])
     assert r.exit_code == 0, r.output
     return out, r.output
@@ -127,7 +128,8 @@ def test_rerun_resumes_from_the_cache(report, labels, checkpoints, monkeypatch):
     monkeypatch.setattr(_scoring, "_score_chunk", no_scoring)
     monkeypatch.setattr(_scoring, "_score_model_batch", no_scoring)
     cfg = EvalConfig(labels=str(labels), model=str(checkpoints["main"]), out=str(out),
-                     compare=[f"plain={checkpoints['plain']}"], n_boot=N_BOOT, runtime="torch", num_threads=1, gallery=0, group_ci=False)
+                     compare=[f"plain={checkpoints['plain']}"], n_boot=N_BOOT, runtime="torch", num_threads=1,
+                     gallery=0, group_ci=False)
     result = evaluate(cfg, log=None)
     for name, meth in before["methods"].items():  # same seed, same scores: the same numbers
         assert result.metrics["methods"][name]["overall"]["srcc"] == pytest.approx(meth["overall"]["srcc"], nan_ok=True)
@@ -152,7 +154,8 @@ def test_a_compare_checkpoint_that_saw_a_test_case_is_refused(labels, checkpoint
     with pytest.raises(SplitLeakageError, match="trained or validated on 1 of the test cases"):
         evaluate(cfg, log=None)
     r = CliRunner().invoke(app, ["evaluate", "--labels", str(labels), "--model", str(checkpoints["main"]), "--out",
-                                 str(tmp_path / "r2"), "--compare", str(checkpoints["leaky"]), "--baselines", "entropy"])
+                                 str(tmp_path / "r2"), "--compare", str(checkpoints["leaky"]), "--baselines",
+                                 "entropy"])
     assert r.exit_code == 2 and "test cases" in r.output
 
 

@@ -183,7 +183,7 @@ def test_every_replicate_is_a_union_of_whole_cases(rng):
     rng.shuffle(cases)  # rows of a case need not be contiguous
     boot = CaseBootstrap(cases, n_boot=200, seed=3)
     assert boot.n_cases == 4
-    for draw, idx in zip(boot.case_draws(), boot):
+    for draw, idx in zip(boot.case_draws(), boot, strict=True):
         assert draw.size == 4  # as many draws as cases
         drawn = np.unique(cases)[draw]
         # each drawn case contributes all of its rows, once per draw; undrawn cases none

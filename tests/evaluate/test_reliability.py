@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from evalfixtures import SPLIT  # tests/evaluate, on sys.path via conftest.py
 from scipy.stats import spearmanr
 
-from evalfixtures import SPLIT  # tests/evaluate, on sys.path via conftest.py
 from medqm.evaluate.reliability import (
     describe_reliability,
     distortion_oracle,

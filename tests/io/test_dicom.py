@@ -57,8 +57,10 @@ def test_mr_small_variants_agree_with_uncompressed(name):
     assert im.value_range == ref.value_range
 
 
-@pytest.mark.parametrize("lossless,lossy,tol", [("RG1_UNCR.dcm", "RG1_J2KR.dcm", 0.0), ("MR2_UNCR.dcm", "MR2_J2KR.dcm", 0.0),
-                                                ("US1_UNCR.dcm", "US1_J2KR.dcm", 0.0), ("MR2_UNCI.dcm", "MR2_J2KI.dcm", 1e-6)])
+@pytest.mark.parametrize("lossless,lossy,tol", [("RG1_UNCR.dcm", "RG1_J2KR.dcm", 0.0),
+                                                ("MR2_UNCR.dcm", "MR2_J2KR.dcm", 0.0),
+                                                ("US1_UNCR.dcm", "US1_J2KR.dcm", 0.0),
+                                                ("MR2_UNCI.dcm", "MR2_J2KI.dcm", 1e-6)])
 def test_jpeg2000_matches_uncompressed(lossless, lossy, tol):
     a, b = read_image(get_testdata_file(lossless)), read_image(get_testdata_file(lossy))
     assert np.abs(a.pixels - b.pixels).max() <= tol
@@ -155,7 +157,7 @@ def test_zero_pixel_spacing_is_unknown_not_zero():
     assert im.spacing == expected
 
 
-# --------------------------------------------------------------------------------------------------- content, not suffix
+# -------------------------------------------------------------------------------------------------- content, not suffix
 
 
 def _random_bytes(n=4096, seed=0) -> bytes:
@@ -200,7 +202,8 @@ def test_dicom_without_preamble_still_reads(tmp_path):
     for name in ("OT-PAL-8-face.dcm",):  # pydicom's own preamble-less image
         f = get_testdata_file(name)
         assert open(f, "rb").read(132)[128:132] != b"DICM"
-        assert read_image(f).shape == (int(pydicom.dcmread(f, force=True).Rows), int(pydicom.dcmread(f, force=True).Columns))
+        assert read_image(f).shape == (int(pydicom.dcmread(f, force=True).Rows),
+                                       int(pydicom.dcmread(f, force=True).Columns))
     # a preamble-less non-image object keeps the non-image reason (422 in the service), not "not a DICOM file"
     plan = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
     bare = tmp_path / "plan.dcm"
@@ -213,7 +216,7 @@ def test_dicom_without_preamble_still_reads(tmp_path):
     assert type(e.value) is MedQMReadError
 
 
-# --------------------------------------------------------------------------------------------------- projection X-ray codes
+# ----------------------------------------------------------------------------------------------- projection X-ray codes
 
 
 @pytest.mark.parametrize("code", ["XA", "RF", "DX", "CR", "MG"])

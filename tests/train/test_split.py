@@ -49,7 +49,8 @@ def test_leaking_splits_are_refused(tmp_path):
     ct_test = split[(split.group == "CT") & (split.split == "test")].case_id.iloc[0]
     ct_train = split[(split.group == "CT") & (split.split == "train")].case_id.iloc[0]
     victim = bad.index[bad.case_id == ct_train][0]
-    bad.loc[bad.index[bad.case_id == ct_test][0], ["ref_id", "ref_path"]] = bad.loc[victim, ["ref_id", "ref_path"]].values
+    bad.loc[bad.index[bad.case_id == ct_test][0], ["ref_id", "ref_path"]] = (
+        bad.loc[victim, ["ref_id", "ref_path"]].values)
     with pytest.raises(SplitLeakageError, match="ref_id"):
         assign_split(bad, split)
     with pytest.raises(ValueError, match="no part"):

@@ -24,7 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest.py: one thread for 
 
 @pytest.fixture(scope="module")
 def labels(tmp_path_factory):
-    return make_synthetic_labels(tmp_path_factory.mktemp("syn") / "labels", n_per_modality=3, modalities=("CT", "MR", "PATH"),
+    return make_synthetic_labels(tmp_path_factory.mktemp("syn") / "labels", n_per_modality=3,
+                                 modalities=("CT", "MR", "PATH"),
                                  types=("gaussian_noise", "gaussian_blur"), levels=(1, 3, 5))
 
 
@@ -107,6 +108,33 @@ def test_cli_train_refuses_a_leaking_split(labels, tmp_path):
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_learns_noise_severity_on_unseen_images(labels, tmp_path):
+    """Fast learning check (default suite): after a short frozen training on the synthetic table, the model
+    ranks Gaussian-noise severity on references it never saw (other demo cases), per image, as it must:
+    more noise, lower quality (the table's quality falls with the level; see synthetic.py)."""
+    from scipy.stats import spearmanr
+
+    from medqm.distort import distort
+    from medqm.distort.calibration import reference_sample
+    from medqm.io.collection import default_collection
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(labels=str(labels), out=str(tmp_path / "run"), model_kwargs={"img_size": IMG}, epochs=8,
+                      batch_size=16, lr=3e-3, patience=0, cache_dir=str(tmp_path / "cache"))
+    train(cfg, log=None)
+    seen = set(pd.read_parquet(Path(labels) / "labels.parquet").case_id)
+    unseen = [r for r in reference_sample(default_collection(), n_per_modality=6, seed=1)
+              if r.modality in ("CT", "MR") and r.case_id not in seen][:4]
+    assert len(unseen) == 4
+    scorer = Scorer(cfg.out, runtime="torch")
+    rhos = []
+    for ref in unseen:
+        px = [ref.pixels] + [distort(ref, "gaussian_noise", lv, seed=3).pixels for lv in (1, 3, 5)]
+        q = [r.quality for r in scorer.score_pixels([np.clip(p, 0, 1).astype(np.float32) for p in px])]
+        rhos.append(spearmanr([0, 1, 3, 5], q)[0])
+    assert np.mean(rhos) < -0.7, rhos
+
+
 @pytest.mark.slow
 def test_the_model_learns_the_synthetic_quality(tmp_path):
     """On held-out cases, the full model ranks distortion severity well after a short frozen training."""
@@ -119,7 +147,8 @@ def test_the_model_learns_the_synthetic_quality(tmp_path):
 
 def test_cli_train_end_to_end(labels, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([str(Path(sys.executable).with_name("medqm")), "train", "--labels", str(labels), "--out", str(out),
+    r = subprocess.run([str(Path(sys.executable).with_name("medqm")), "train", "--labels", str(labels), "--out",
+                        str(out),
                         "--model", "medqm_i_no_queries", "--img-size", str(IMG), "--epochs", "2", "--batch-size", "16",
                         "--cache", str(tmp_path / "cache"), "--fractions", "0.6,0.2,0.2", "--seed", "1"],
                        capture_output=True, text=True, env=ENV, timeout=300)

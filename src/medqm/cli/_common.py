@@ -17,6 +17,14 @@ def get_console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+def print_error(console, message, hint: str = "") -> None:
+    """Print ``error: message`` in red; the message is escaped (paths and ``medqm[extra]`` are not markup)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(message))}" + (f"\n{escape(hint)}" if hint else ""),
+                  highlight=False)
+
+
 def parse_window(window: Optional[str]):
     if window is None:
         return None

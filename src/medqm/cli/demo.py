@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console, read_settings
+from medqm.cli._common import get_console, print_error, read_settings
 
 
 def demo(
@@ -45,8 +45,8 @@ def demo(
 
             result = run_demo(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
     except (DemoError, ValueError, FileNotFoundError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e)
+        raise typer.Exit(code=2) from e
     times = Table("stage", "status", "seconds", "folder", title="stages")
     for name in STAGES:
         r = result.stages[name]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console
+from medqm.cli._common import get_console, print_error
 
 
 def evaluate(
@@ -60,13 +60,13 @@ def evaluate(
 
             result = run_evaluation(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
     except (ValueError, FileNotFoundError, ImportError, SplitLeakageError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e)
+        raise typer.Exit(code=2) from e
     table = Table(*HEADLINE_HEADER, title="agreement with the labels on the held-out cases")
     for row in headline_rows(result.metrics):
         table.add_row(*row)
     console.print(table)
     for line in result.metrics["alignment"]["text"] + result.metrics.get("label_reliability", {}).get("text", []):
         console.print(f"• {line}", highlight=False)
-    console.print(f"report: {result.files['report.html']} · {result.files['report.md']} · {result.files['metrics.json']}",
-                  highlight=False)
+    console.print(f"report: {result.files['report.html']} · {result.files['report.md']} · "
+                  f"{result.files['metrics.json']}", highlight=False)

@@ -6,16 +6,19 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from medqm.cli._common import get_console, parse_window
 
 
 def info(
     paths: list[Path] = typer.Argument(..., help="Files or folders (walked recursively)."),
-    window: Optional[str] = typer.Option(None, help="Window preset (lung, soft_tissue, bone, brain, …) or CENTER,WIDTH."),
+    window: Optional[str] = typer.Option(None,
+                                         help="Window preset (lung, soft_tissue, bone, brain, …) or CENTER,WIDTH."),
     axis: str = typer.Option("axial", help="Slicing axis for volumes: axial, coronal or sagittal."),
     modality: Optional[str] = typer.Option(None, help="Modality for files that carry none (PNG, NIfTI…)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list the files skipped as not images (txt, json, icc…)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Also list the files skipped as not images (txt, json, icc…)."),
 ):
     """Read images and print their metadata; unreadable files are listed with the reason.
 
@@ -65,7 +68,7 @@ def info(
     console = get_console()
     console.print(table)
     for name, reason in failures:
-        console.print(f"[red]✗[/red] {name}: {reason}", highlight=False)
+        console.print(f"[red]✗[/red] {escape(str(name))}: {escape(str(reason))}", highlight=False)
     if verbose:
         for name in skipped:
             console.print(f"- skipped {name} (not an image format)", highlight=False)

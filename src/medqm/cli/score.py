@@ -6,19 +6,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from medqm.cli._common import get_console, parse_window
+from medqm.cli._common import get_console, parse_window, print_error
 
 
 def score(
-    paths: list[Path] = typer.Argument(..., help="Image files or folders (DICOM series, NIfTI/NRRD volumes → every slice)."),
+    paths: list[Path] = typer.Argument(...,
+                                       help="Image files or folders (DICOM series, NIfTI/NRRD volumes → every slice)."),
     out: Path = typer.Option(..., help="Score table: .csv, .parquet or .json."),
     model: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the one shipped with medqm)."),
     heatmaps: Optional[Path] = typer.Option(None, help="Also write heatmap overlay PNGs into this folder."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     runtime: str = typer.Option("auto", help="auto (ONNX Runtime on CPU when installed, else PyTorch), torch or onnx."),
-    window: Optional[str] = typer.Option(None, help="Window preset (lung, soft_tissue, bone, brain, …) or CENTER,WIDTH."),
+    window: Optional[str] = typer.Option(None,
+                                         help="Window preset (lung, soft_tissue, bone, brain, …) or CENTER,WIDTH."),
     axis: str = typer.Option("axial", help="Slicing axis for volumes: axial, coronal or sagittal."),
     modality: Optional[str] = typer.Option(None, help="Modality for files that carry none (PNG, NIfTI…)."),
 ):
@@ -32,20 +35,22 @@ def score(
         from medqm.model.scoring import Scorer, write_scores
 
         scorer = Scorer(model, device=device, batch_size=batch_size, runtime=runtime)
-        columns = (SpinnerColumn(), TextColumn("score {task.fields[done]} images, {task.fields[failed]} failed"), TimeElapsedColumn())
+        columns = (SpinnerColumn(), TextColumn("score {task.fields[done]} images, {task.fields[failed]} failed"),
+                   TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task("score", total=None, done=0, failed=0)
-            df = scorer.score_files(paths, heatmap_dir=heatmaps, window=parse_window(window), axis=axis, modality=modality,
+            df = scorer.score_files(paths, heatmap_dir=heatmaps, window=parse_window(window), axis=axis,
+                                    modality=modality,
                                     progress=lambda d, f: bar.update(task, done=d, failed=f))
         write_scores(df, out)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e)
+        raise typer.Exit(code=2) from e
     ok = df[df.error == ""]
     console.print(f"{len(ok)} images scored, {len(df) - len(ok)} failed → {out}"
                   + (f" (mean quality {ok.quality.mean():.3f})" if len(ok) else ""), highlight=False)
     for _, r in df[df.error != ""].head(10).iterrows():
-        console.print(f"[red]✗[/red] {r.path}: {r.error}", highlight=False)
+        console.print(f"[red]✗[/red] {escape(str(r.path))}: {escape(str(r.error))}", highlight=False)
     if heatmaps is not None and len(ok):
         console.print(f"heatmaps: {heatmaps}")
     if len(ok) == 0:

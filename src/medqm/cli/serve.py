@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console
+from medqm.cli._common import get_console, print_error
 
 
 def serve(
@@ -20,8 +20,10 @@ def serve(
     device: Optional[str] = typer.Option(None, help="cpu (default), cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the model."),
     pass_min: Optional[float] = typer.Option(None, help="Quality at or above which an image passes (default 0.5)."),
-    review_min: Optional[float] = typer.Option(None, help="Quality at or above which it goes to review, else reject (0.25)."),
-    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Micro-batch concurrent requests (on)."),
+    review_min: Optional[float] = typer.Option(None,
+                                               help="Quality at or above which it goes to review, else reject (0.25)."),
+    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching",
+                                            help="Micro-batch concurrent requests (on)."),
     batch_window_ms: Optional[float] = typer.Option(None, help="Micro-batching window, ms (5)."),
     max_batch: Optional[int] = typer.Option(None, help="Most images per forward pass (32)."),
     max_queue: Optional[int] = typer.Option(None, help="Most images waiting for the model; beyond, 503 (256)."),
@@ -48,5 +50,5 @@ def serve(
         })
         run(cfg, host=host, port=port, log_level=log_level)
     except (ValueError, FileNotFoundError, ImportError) as e:  # pydantic's ValidationError is a ValueError
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e)
+        raise typer.Exit(code=2) from e

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console, read_settings
+from medqm.cli._common import get_console, print_error, read_settings
 
 
 def train(
@@ -21,13 +21,17 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 30)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step (default 64)."),
     lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (default 1e-3)."),
-    patience: Optional[int] = typer.Option(None, help="Early stopping: epochs without a better validation SRCC (default 6)."),
+    patience: Optional[int] = typer.Option(None,
+                                           help="Early stopping: epochs without a better validation SRCC (default 6)."),
     seed: Optional[int] = typer.Option(None, help="Split and training seed (default 0)."),
-    fractions: Optional[str] = typer.Option(None, help="Train,val,test shares of each modality's cases (default 0.7,0.15,0.15)."),
-    split: Optional[Path] = typer.Option(None, help="Reuse a split file (case_id,split), e.g. another run's split.csv."),
+    fractions: Optional[str] = typer.Option(None, help="Train,val,test shares of each modality's cases "
+                                                       "(default 0.7,0.15,0.15)."),
+    split: Optional[Path] = typer.Option(None,
+                                         help="Reuse a split file (case_id,split), e.g. another run's split.csv."),
     img_size: Optional[int] = typer.Option(None, help="Model input size (default 224)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N."),
-    cache: Optional[Path] = typer.Option(None, help="Backbone feature cache (default ~/.cache/medqm/features or $MEDQM_CACHE)."),
+    cache: Optional[Path] = typer.Option(None, help="Backbone feature cache "
+                                                    "(default ~/.cache/medqm/features or $MEDQM_CACHE)."),
     max_images: Optional[int] = typer.Option(None, help="Use a random subset of this many images (quick runs)."),
 ):
     """Train MedQM-I on a label set; prints per-epoch metrics and the held-out-case SRCC."""
@@ -39,7 +43,8 @@ def train(
     try:
         settings = read_settings(config) if config else {}
         cli = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience, "seed": seed,
-               "split_file": str(split) if split else None, "device": device, "cache_dir": str(cache) if cache else None,
+               "split_file": str(split) if split else None, "device": device,
+               "cache_dir": str(cache) if cache else None,
                "max_images": max_images}
         if fractions is not None:
             try:
@@ -63,7 +68,8 @@ def train(
         unknown = sorted(set(settings) - known - {"labels", "out"})
         if unknown:
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        cfg = TrainConfig(labels=str(labels), out=str(out), **{k: v for k, v in settings.items() if k not in ("labels", "out")})
+        cfg = TrainConfig(labels=str(labels), out=str(out),
+                          **{k: v for k, v in settings.items() if k not in ("labels", "out")})
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as bar:
             tasks = {}
@@ -75,8 +81,9 @@ def train(
 
             result = run_train(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e)
+        raise typer.Exit(code=2) from e
     o = result.test.get("overall", {})
     console.print(f"checkpoint: {result.out} (best epoch {result.best_epoch} of {result.epochs_run}); "
-                  f"held-out SRCC {o.get('srcc', float('nan')):.4f}, PLCC_raw {o.get('plcc_raw', float('nan')):.4f}", highlight=False)
+                  f"held-out SRCC {o.get('srcc', float('nan')):.4f}, PLCC_raw {o.get('plcc_raw', float('nan')):.4f}",
+                  highlight=False)

@@ -1,6 +1,13 @@
-"""Modality-aware distortions at calibrated severity levels (the inputs of MedQM-D labelling)."""
+"""Modality-aware distortions at calibrated severity levels (the inputs of MedQM-D labelling).
 
-from ._base import (
+Needs the ``distort`` extra (TorchIO, OpenCV, scikit-image): ``pip install 'medqm[distort]'``.
+"""
+
+from medqm._extras import require
+
+require("distort", "medqm distort (medqm.distort)")
+
+from ._base import (  # noqa: E402
     N_LEVELS,
     Distortion,
     DistortionNotApplicable,

@@ -24,7 +24,7 @@ from medqm.io import MODALITIES, MedImage, modality_family
 ALL_MODALITIES: tuple[str, ...] = MODALITIES
 N_LEVELS = 5
 
-_REGISTRY: dict[str, type["Distortion"]] = {}
+_REGISTRY: dict[str, type[Distortion]] = {}
 
 
 class DistortionNotApplicable(ValueError):
@@ -88,7 +88,8 @@ class Distortion:
 
     # --- the random half -------------------------------------------------------------------------------
     def sample(self, level: int, rng: np.random.Generator) -> dict[str, Any]:
-        """Draw the parameters of ``level`` (1..5): (low, high) ranges sampled uniformly, plus a noise seed if needed."""
+        """Draw the parameters of ``level`` (1..5): (low, high) ranges sampled uniformly, plus a noise seed if
+        needed."""
         table = self.level_params(level)
         params: dict[str, Any] = {}
         for key, value in table.items():
@@ -130,7 +131,8 @@ class Distortion:
     def applies_to(self, modality: str | None, *, color: bool = False) -> bool:
         return (modality is None or _models(self.modalities, modality)) and (self.color or not color)
 
-    def __call__(self, image: MedImage | np.ndarray, level: int, seed: int = 0, *, force: bool = False) -> DistortionResult:
+    def __call__(self, image: MedImage | np.ndarray, level: int, seed: int = 0, *,
+                 force: bool = False) -> DistortionResult:
         """Sample parameters for (level, seed) and apply them; ``force`` skips the modality check."""
         pixels = image.pixels if isinstance(image, MedImage) else np.asarray(image, dtype=np.float32)
         if not force:
@@ -146,7 +148,8 @@ class Distortion:
         """Apply recorded parameters and check the output contract: same shape, finite, in [0, 1].
 
         Nothing is repaired here: a distortion whose physics leaves the display range saturates explicitly
-        (`saturate` in its `apply` or `display`, with a comment saying why). ``level`` only names the level in the error.
+        (`saturate` in its `apply` or `display`, with a comment saying why). ``level`` only names the level in the
+        error.
 
         Raises:
             DistortionOutputError: the output breaks the contract; the message names the distortion, the
@@ -204,7 +207,8 @@ def create_distortion(name: str) -> Distortion:
         raise ValueError(f"unknown distortion {name!r}{hint}") from None
 
 
-def distort(image: MedImage | np.ndarray, name: str, level: int, seed: int = 0, *, force: bool = False) -> DistortionResult:
+def distort(image: MedImage | np.ndarray, name: str, level: int, seed: int = 0, *,
+            force: bool = False) -> DistortionResult:
     """Apply distortion ``name`` at severity ``level`` (1 mild … 5 severe); same inputs → identical output."""
     return create_distortion(name)(image, level, seed, force=force)
 

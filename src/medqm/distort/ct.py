@@ -66,9 +66,9 @@ def radon(image: np.ndarray, theta: np.ndarray) -> np.ndarray:
 
     diagonal = np.sqrt(2) * max(image.shape)
     pad = [int(np.ceil(diagonal - s)) for s in image.shape]
-    pad_before = [(s + p) // 2 - s // 2 for s, p in zip(image.shape, pad)]
+    pad_before = [(s + p) // 2 - s // 2 for s, p in zip(image.shape, pad, strict=True)]
     padded = np.pad(
-        np.asarray(image, np.float32), [(pb, p - pb) for pb, p in zip(pad_before, pad)], mode="constant"
+        np.asarray(image, np.float32), [(pb, p - pb) for pb, p in zip(pad_before, pad, strict=True)], mode="constant"
     )
     n = padded.shape[0]
     c = n // 2
@@ -299,7 +299,7 @@ class CTRing(CTDistortion):
         n_bins = int(np.ceil(np.sqrt(2) * size))  # skimage's circle=False sinogram height
         centre = n_bins // 2
         offsets = np.zeros(n_bins)
-        for radius, gain in zip(params["radii"], params["gains"]):
+        for radius, gain in zip(params["radii"], params["gains"], strict=True):
             r = int(min(round(radius * size / 2), centre - 1))
             offsets[centre + r] += -0.5 * np.log1p(gain)  # the element's two conjugate views of each line
             offsets[centre - r] += -0.5 * np.log1p(gain)

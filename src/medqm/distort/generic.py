@@ -49,7 +49,8 @@ class PoissonNoise(Distortion):
 
 class GaussianBlur(Distortion):
     name = "gaussian_blur"
-    description = "Isotropic Gaussian blur (focal spot, detector or reconstruction-kernel unsharpness); sigma in pixels of a 256² image."
+    description = ("Isotropic Gaussian blur (focal spot, detector or reconstruction-kernel unsharpness); "
+                   "sigma in pixels of a 256² image.")
     levels = ({"sigma": 0.6}, {"sigma": 1.2}, {"sigma": 2.0}, {"sigma": 3.2}, {"sigma": 5.0})
 
     def apply(self, pixels, params):
@@ -110,7 +111,8 @@ class JPEG2000(Distortion):
     levels = ({"ratio": 15}, {"ratio": 40}, {"ratio": 80}, {"ratio": 160}, {"ratio": 320})
 
     def apply(self, pixels, params):
-        return _codec(pixels, "JPEG2000", quality_mode="rates", quality_layers=[float(params["ratio"])], irreversible=True)
+        return _codec(pixels, "JPEG2000", quality_mode="rates", quality_layers=[float(params["ratio"])],
+                      irreversible=True)
 
 
 class Downsample(Distortion):
@@ -142,7 +144,8 @@ class ContrastReduction(Distortion):
 class Underexposure(Distortion):
     name = "underexposure"
     description = "Too little signal: intensities scaled down and the darkest tones crushed (x' = max(0, s·x − b))."
-    levels = ({"s": 0.85, "b": 0.0}, {"s": 0.7, "b": 0.02}, {"s": 0.55, "b": 0.05}, {"s": 0.42, "b": 0.08}, {"s": 0.3, "b": 0.1})
+    levels = ({"s": 0.85, "b": 0.0}, {"s": 0.7, "b": 0.02}, {"s": 0.55, "b": 0.05}, {"s": 0.42, "b": 0.08},
+              {"s": 0.3, "b": 0.1})
 
     def apply(self, pixels, params):
         # dark pixels fall below black and are crushed there
@@ -151,8 +154,10 @@ class Underexposure(Distortion):
 
 class Overexposure(Distortion):
     name = "overexposure"
-    description = "Too much signal: intensities raised and highlights clipped (x' = min(1, s·x + b)), burning out detail."
-    levels = ({"s": 1.04, "b": 0.01}, {"s": 1.15, "b": 0.04}, {"s": 1.35, "b": 0.08}, {"s": 1.6, "b": 0.14}, {"s": 2.0, "b": 0.2})
+    description = ("Too much signal: intensities raised and highlights clipped (x' = min(1, s·x + b)), "
+                   "burning out detail.")
+    levels = ({"s": 1.04, "b": 0.01}, {"s": 1.15, "b": 0.04}, {"s": 1.35, "b": 0.08}, {"s": 1.6, "b": 0.14},
+              {"s": 2.0, "b": 0.2})
 
     def apply(self, pixels, params):
         # bright pixels burn out at white (the point of over-exposure)
@@ -175,7 +180,8 @@ class Gamma(Distortion):
 
 class BitDepth(Distortion):
     name = "bit_depth"
-    description = "Quantisation to fewer grey levels (banding/posterisation from bad exports or 8-bit windows of 16-bit data)."
+    description = ("Quantisation to fewer grey levels "
+                   "(banding/posterisation from bad exports or 8-bit windows of 16-bit data).")
     levels = ({"bits": 6}, {"bits": 5}, {"bits": 4}, {"bits": 3}, {"bits": 2})
 
     def apply(self, pixels, params):

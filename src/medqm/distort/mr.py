@@ -366,7 +366,8 @@ class Undersampling(MRDistortion):
 
     def sample(self, level, rng):
         table = self.level_params(level)
-        return {**table, "phase_axis": int(rng.integers(0, 2)), "offset": int(rng.integers(0, int(table["acceleration"])))}
+        return {**table, "phase_axis": int(rng.integers(0, 2)),
+                "offset": int(rng.integers(0, int(table["acceleration"])))}
 
     def apply(self, pixels, params):
         # the mask is a few index operations; no library ships a plain equispaced-plus-centre mask for 2D arrays

@@ -62,7 +62,7 @@ class Plan:
         return list(self.types) or list_distortions()
 
     @classmethod
-    def load(cls, spec: str | Path) -> "Plan":
+    def load(cls, spec: str | Path) -> Plan:
         """A plan file path, or the name of a plan that ships with MedQM ('default', 'quick')."""
         path = Path(spec)
         if not path.is_file():
@@ -127,7 +127,8 @@ def plan_jobs(collection: str | Path, plan: Plan, done: set[str] = frozenset()) 
             if dist_id(row["id"], name, level, seed) not in done
         )
         if tasks:
-            jobs.append(Job(row["id"], row["abs_path"], str(row["case_id"]), row["modality"], row.get("body_part", ""), tasks))
+            jobs.append(Job(row["id"], row["abs_path"], str(row["case_id"]), row["modality"], row.get("body_part", ""),
+                            tasks))
     return jobs
 
 

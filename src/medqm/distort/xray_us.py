@@ -19,7 +19,8 @@ class ScatterVeil(Distortion):
     family = "xray"
     modalities = _XRAY
     description = "Scatter without a grid: x' = (1−a)·x + a·(blur_σ=40px(x) + fog); fraction a of scattered signal."
-    levels = ({"a": 0.08, "fog": 0.1}, {"a": 0.2, "fog": 0.15}, {"a": 0.35, "fog": 0.2}, {"a": 0.5, "fog": 0.25}, {"a": 0.68, "fog": 0.3})
+    levels = ({"a": 0.08, "fog": 0.1}, {"a": 0.2, "fog": 0.15}, {"a": 0.35, "fog": 0.2}, {"a": 0.5, "fog": 0.25},
+              {"a": 0.68, "fog": 0.3})
 
     def apply(self, pixels, params):
         import cv2
@@ -33,7 +34,8 @@ class GridLines(Distortion):
     name = "grid_lines"
     family = "xray"
     modalities = _XRAY
-    description = "Stationary anti-scatter grid: sinusoidal stripes, x' = x·(1 − m·(½+½ sin(2π f t + φ))); period in pixels."
+    description = ("Stationary anti-scatter grid: sinusoidal stripes, x' = x·(1 − m·(½+½ sin(2π f t + φ))); "
+                   "period in pixels.")
     levels = (
         {"modulation": 0.02, "period": (3.0, 6.0)},
         {"modulation": 0.05, "period": (3.0, 6.0)},
@@ -62,7 +64,8 @@ class Speckle(Distortion):
     family = "us"
     modalities = ("US",)
     stochastic = True
-    description = "Fully developed speckle: x' = x·G, G ~ Gamma(L, 1/L) correlated over ~1.5 px; fewer looks L = stronger."
+    description = ("Fully developed speckle: x' = x·G, G ~ Gamma(L, 1/L) correlated over ~1.5 px; "
+                   "fewer looks L = stronger.")
     levels = ({"looks": 60.0}, {"looks": 16.0}, {"looks": 6.0}, {"looks": 2.5}, {"looks": 1.0})
 
     def apply(self, pixels, params):

@@ -194,7 +194,7 @@ def _todo(paths: Sequence[str], cached, columns: Sequence[str]) -> tuple[list[in
         for rec in cached.to_dict("records"):
             have[(rec["path"], int(rec["size"]), int(rec["mtime_ns"]))] = rec
     todo, found = [], {}
-    for i, (p, (size, mtime)) in enumerate(zip(paths, keys)):
+    for i, (p, (size, mtime)) in enumerate(zip(paths, keys, strict=True)):
         rec = have.get((p, size, mtime))
         if rec is None:
             todo.append(i)
@@ -371,7 +371,7 @@ def _score_model_batch(scorer, batch: Sequence[str]) -> list[dict]:
             rec["error"] = f"read: {e}"
         recs.append(rec)
     if imgs:
-        for rec, res in zip((r for r, _ in imgs), scorer.score_pixels([im for _, im in imgs])):
+        for rec, res in zip((r for r, _ in imgs), scorer.score_pixels([im for _, im in imgs]), strict=True):
             rec["quality"] = float(res.quality)
             rec["expert"] = int(res.expert)
             rec["gates"] = json.dumps([round(float(g), 6) for g in res.gates])
@@ -414,7 +414,7 @@ def heatmap_gallery(model_dir: str | os.PathLike, rows, *, n: int = 8, device: s
         except MedQMReadError:
             continue
     results = scorer.score_pixels([im for _, im in images], heatmaps=True)
-    for (i, im), res in zip(images, results):
+    for (i, im), res in zip(images, results, strict=True):
         r = rows.loc[i]
         out.append({"path": r["path"], "modality": r["modality"], "type": r["type"],
                     "level": None if r["level"] != r["level"] else int(r["level"]), "label": float(r["quality"]),

@@ -63,7 +63,7 @@ import difflib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, ClassVar
 
@@ -164,7 +164,7 @@ def _luma255(img: np.ndarray) -> np.ndarray:
 # calibration images these match torch 2.14 on x86 bit for bit. Being elementwise IEEE operations, they do
 # not depend on which kernels a machine's torch picks, unlike pyiqa's own results.
 # --------------------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _gaussian_window(size: int = 7, sigma: float = 7.0 / 6.0) -> np.ndarray:
     """MATLAB ``fspecial('gaussian', size, sigma)``, rounded to float32 as pyiqa stores it."""
     m = (size - 1) / 2.0
@@ -294,7 +294,7 @@ def _estimate_aggd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 # --------------------------------------------------------------------------------------------------------------
 # NIQE
 # --------------------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _params(name: str) -> dict[str, np.ndarray]:
     with resources.files("medqm.evaluate").joinpath("params", name).open("rb") as f:
         with np.load(f, allow_pickle=False) as archive:

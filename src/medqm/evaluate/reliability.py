@@ -6,8 +6,9 @@ a test SRCC far below 1 says more about the labeller than about the quality mode
 a headline number, measure the ceiling:
 
 - **distortion oracle**: predict each test image's quality by the mean label of its (distortion type, level)
-  over the *non-test* (training and validation) cases. It knows exactly how each image was degraded, something a blind model must
-  infer, and nothing about the image's content; its SRCC is what recognising the degradation perfectly buys.
+  over the *non-test* (training and validation) cases. It knows exactly how each image was degraded, something a
+  blind model must infer, and nothing about the image's content; its SRCC is what recognising the degradation
+  perfectly buys.
   A blind model can exceed it only by predicting how each particular image's answers respond, which a few
   dozen training cases rarely teach.
 - **severity monotonicity**: within each series (one reference image, one distortion type, its levels),
@@ -32,7 +33,7 @@ ORACLE_KEY = ("type", "level")
 def _keys(table) -> list[tuple[str, int]]:
     types = table["type"].fillna("reference").astype(str).to_numpy()
     levels = table["level"].fillna(0).astype(int).to_numpy()
-    return list(zip(types, levels))
+    return list(zip(types, levels, strict=True))
 
 
 def distortion_oracle(table, split, rows):
@@ -50,7 +51,7 @@ def distortion_oracle(table, split, rows):
     if set(pool["case_id"].astype(str)) & set(rows["case_id"].astype(str)):
         raise AssertionError("the oracle's pool shares cases with the rows it predicts")
     means: dict[tuple[str, int], list[float]] = {}
-    for k, q in zip(_keys(pool), pool["quality"].to_numpy(dtype=np.float64)):
+    for k, q in zip(_keys(pool), pool["quality"].to_numpy(dtype=np.float64), strict=True):
         means.setdefault(k, []).append(q)
     table_mean = {k: float(np.mean(v)) for k, v in means.items()}
     return np.array([table_mean.get(k, np.nan) for k in _keys(rows)], dtype=np.float64)

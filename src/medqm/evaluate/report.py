@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
-KIND_COLOUR = {"main": "#d62728", "deep": "#ff7f0e", "classical": "#1f77b4"}
-KIND_LABEL = {"main": "MedQM-I (evaluated)", "deep": "deep (same backbone / ablation)", "classical": "classical BIQA"}
-DISPLAY = {"niqe": "NIQE", "brisque": "BRISQUE", "piqe": "PIQE", "entropy": "entropy", "total_variation": "total variation",
+KIND_COLOUR = {"main": "#d62728", "ablation": "#ff7f0e", "deep": "#8c564b", "classical": "#1f77b4"}
+KIND_LABEL = {"main": "MedQM-I (evaluated)", "ablation": "MedQM-I ablation", "deep": "deep (other checkpoints)",
+              "classical": "classical BIQA"}
+DISPLAY = {"niqe": "NIQE", "brisque": "BRISQUE", "piqe": "PIQE", "entropy": "entropy",
+           "total_variation": "total variation",
            "noise_sigma": "noise σ", "laplacian_variance": "Laplacian variance"}
 
 
@@ -178,15 +180,15 @@ def fig_srcc_bars(metrics: dict) -> bytes:
     ax = fig.add_subplot(1, 1, 1)
     vals = [ms[n]["overall"].get("srcc") for n in names]
     vals = [v if v is not None and np.isfinite(v) else 0.0 for v in vals]
-    lo = [v - (ms[n]["overall"].get("srcc_ci") or [v, v])[0] for n, v in zip(names, vals)]
-    hi = [(ms[n]["overall"].get("srcc_ci") or [v, v])[1] - v for n, v in zip(names, vals)]
+    lo = [v - (ms[n]["overall"].get("srcc_ci") or [v, v])[0] for n, v in zip(names, vals, strict=True)]
+    hi = [(ms[n]["overall"].get("srcc_ci") or [v, v])[1] - v for n, v in zip(names, vals, strict=True)]
     ax.barh(range(len(names)), vals, xerr=[lo, hi], color=[KIND_COLOUR[ms[n]["kind"]] for n in names],
             capsize=3, error_kw={"lw": 1})
     ax.set_yticks(range(len(names)), [display(n) for n in names], fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
     level = metrics["settings"].get("level", 0.95)
     ax.set_xlabel(f"SRCC with the labels ({round(level * 100)} % CI, cases resampled)", fontsize=8)
-    ax.set_xlim(min(-0.1, min(v - l for v, l in zip(vals, lo)) - 0.05), 1.0)
+    ax.set_xlim(min(-0.1, min(v - low for v, low in zip(vals, lo, strict=True)) - 0.05), 1.0)
     from matplotlib.patches import Patch
 
     kinds = sorted({ms[n]["kind"] for n in names}, key=list(KIND_COLOUR).index)
@@ -263,14 +265,16 @@ def _overlay_png(rgb: np.ndarray) -> bytes:
 def significance_rows(metrics: dict) -> list[list[str]]:
     sig = metrics["significance"]
     rows = []
-    for n, t in sorted(sig["tests"].items(), key=lambda kv: -(kv[1]["bootstrap"]["diff"] if np.isfinite(kv[1]["bootstrap"]["diff"]) else -9)):
+    for n, t in sorted(sig["tests"].items(),
+                       key=lambda kv: -(kv[1]["bootstrap"]["diff"] if np.isfinite(kv[1]["bootstrap"]["diff"]) else -9)):
         b, w = t["bootstrap"], t.get("williams") or {}
         tag = []
         if n == sig.get("best_baseline"):
             tag.append("best baseline")
         if n == sig.get("best_classical") and n != sig.get("best_baseline"):
             tag.append("best classical")
-        rows.append([display(n) + (f" ({', '.join(tag)})" if tag else ""), f"{b['diff']:+.3f}" if np.isfinite(b["diff"]) else "–",
+        rows.append([display(n) + (f" ({', '.join(tag)})" if tag else ""),
+                     f"{b['diff']:+.3f}" if np.isfinite(b["diff"]) else "–",
                      f"[{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}]" if b.get("ci") else "–", _p(b.get("p")),
                      _f(w.get("t"), 2), _p(w.get("p")), str(b.get("n_images", ""))])
     return rows
@@ -300,7 +304,8 @@ def _provenance(metrics: dict) -> list[str]:
     unverified = [n for n, m in metrics["methods"].items() if m["kind"] != "classical"
                   and not m["source"].get("split_verified", True)]
     if unverified:
-        lines.append(f"Warning: no saved split for {', '.join(unverified)}: cannot verify they never saw the test cases")
+        lines.append(f"Warning: no saved split for {', '.join(unverified)}: "
+                     "cannot verify they never saw the test cases")
     return lines
 
 
@@ -343,9 +348,11 @@ def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
 
 
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;\
+padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}\
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 img.fig{max-width:100%;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:10px}
 .gallery figure{margin:0;width:230px;font-size:.75em}.gallery img{width:230px}
@@ -359,7 +366,8 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
     def img(key: str, alt: str) -> str:
         if key not in pngs:
             return ""
-        return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(pngs[key]).decode()}">'
+        return (f'<img class="fig" alt="{html.escape(alt)}" '
+                f'src="data:image/png;base64,{base64.b64encode(pngs[key]).decode()}">')
 
     def para(t: str) -> str:
         # *word* from the generated text becomes emphasis
@@ -368,7 +376,8 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
 
     al = metrics["alignment"]
     s = [f"<!doctype html><html><head><meta charset='utf-8'><title>MedQM evaluation: {html.escape(main)}</title>",
-         f"<style>{CSS}</style></head><body>", f"<h1>MedQM evaluation: {html.escape(main)} vs classical and deep BIQA</h1>",
+         f"<style>{CSS}</style></head><body>",
+         f"<h1>MedQM evaluation: {html.escape(main)} vs classical and deep BIQA</h1>",
          "<ul class='note'>" + "".join(f"<li>{para(p.replace('`', ''))}</li>" for p in _provenance(metrics)) + "</ul>",
          "<h2>Headline</h2>", _html_table(HEADLINE_HEADER, headline_rows(metrics)),
          img("srcc", "SRCC with confidence intervals")]
@@ -400,9 +409,12 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
                   "<div class='scroll'>" + _html_table(header, rows) + "</div>"]
     s += ["<h2>Quality vs severity</h2>", img("severity", "quality vs severity per distortion type"),
           "<h2>Predicted vs label</h2>", img("scatter", "predicted vs label"),
-          "<h2>Per modality (all methods, SRCC)</h2>", "<div class='scroll'>" + _html_table(*group_table(metrics, "by_modality")) + "</div>",
-          "<h2>Per distortion type (all methods, SRCC)</h2>", "<div class='scroll'>" + _html_table(*group_table(metrics, "by_type")) + "</div>",
-          "<h2>Per level (all methods, SRCC)</h2>", "<div class='scroll'>" + _html_table(*group_table(metrics, "by_level")) + "</div>",
+          "<h2>Per modality (all methods, SRCC)</h2>",
+          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_modality")) + "</div>",
+          "<h2>Per distortion type (all methods, SRCC)</h2>",
+          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_type")) + "</div>",
+          "<h2>Per level (all methods, SRCC)</h2>",
+          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_level")) + "</div>",
           "<h2>Where MedQM-I looks</h2>"]
     if gallery:
         s.append("<p class='note'>Attention heatmaps of the model under evaluation on test images (lowest and highest "
@@ -410,7 +422,8 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
         for g in gallery:
             src = base64.b64encode(_overlay_png(g["overlay"])).decode()
             lvl = "" if g.get("level") is None else f" L{g['level']}"
-            s.append(f"<figure><img alt='heatmap' src='data:image/png;base64,{src}'><figcaption>{html.escape(g['modality'])} · "
+            s.append(f"<figure><img alt='heatmap' src='data:image/png;base64,{src}'>"
+                     f"<figcaption>{html.escape(g['modality'])} · "
                      f"{html.escape(str(g['type']))}{lvl}<br>label {g['label']:.3f} · predicted {g['pred']:.3f}<br>"
                      f"<span class='note'>{html.escape(Path(g['path']).name)}</span></figcaption></figure>")
         s.append("</div>")

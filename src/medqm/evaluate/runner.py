@@ -13,7 +13,6 @@ SRCC and KRCC unchanged.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -28,8 +27,8 @@ from medqm.metrics import CaseBootstrap, agreement, bootstrap_agreement, compare
 
 from ._scoring import (
     TestSet,
-    checkpoint_summary,
     checkpoint_split,
+    checkpoint_summary,
     heatmap_gallery,
     load_test_set,
     quiet_worker,
@@ -110,7 +109,7 @@ class Method:
     """One scored method: raw scores on the test rows, and how to read them."""
 
     name: str
-    kind: str  # 'main' (the model under evaluation), 'deep' (other checkpoints) or 'classical'
+    kind: str  # 'main' (the model under evaluation), 'ablation', 'deep' (other checkpoints) or 'classical'
     raw: np.ndarray
     lower_better: bool = False
     source: dict[str, Any] = field(default_factory=dict)
@@ -331,7 +330,8 @@ def _alignment(methods: dict[str, Method], per: dict[str, dict], rows, main: str
             agree = {n: sum(1 for t in label_tracks if np.isfinite(out["severity"][t][n])
                             and out["severity"][t][n] <= -0.3) for n in classical}
             parts = ", ".join(f"{n.upper()} {k} of {n_t}" for n, k in agree.items())
-            text.append(f"The labels fall with severity (SRCC with level <= -0.3) for {n_t} of {len(usable)} distortion "
+            text.append(f"The labels fall with severity (SRCC with level <= -0.3) for {n_t} of {len(usable)} "
+                        "distortion "
                         f"types with {MIN_SEVERITY_IMAGES}+ test images; the classical metrics fall with them for: "
                         f"{parts}.")
         else:
@@ -449,17 +449,22 @@ def _load(cfg: EvalConfig, say: Say):
 def _score_methods(cfg: EvalConfig, paths: list[str], compare: dict[str, Path], verified: dict[str, bool],
                    cache: Path, timing: dict[str, float], say: Say, progress: Progress | None) -> list[Method]:
     """Scores of the main checkpoint, the other checkpoints and the classical baselines, in that order."""
+    from medqm.model import variant_kind
+
     t = time.perf_counter()
     base = score_baselines(paths, cfg.baselines, cache, workers=cfg.workers, progress=progress)
     timing["baselines"] = time.perf_counter() - t
     say(f"classical baselines: {len(paths)} images in {timing['baselines']:.1f} s ({cfg.workers} worker(s))")
     t = time.perf_counter()
     methods: list[Method] = []
-    deep: list[tuple[str, str, Path]] = [(cfg.name, "main", Path(cfg.model))] + [(n, "deep", d) for n, d in compare.items()]
-    for n, kind, d in deep:
+    deep: list[tuple[str, bool, Path]] = [(cfg.name, True, Path(cfg.model)),
+                                          *[(n, False, d) for n, d in compare.items()]]
+    for n, is_main, d in deep:
         scores = score_checkpoint(d, paths, cache, name=n, batch_size=cfg.batch_size, device=cfg.device,
                                   runtime=cfg.runtime, num_threads=cfg.num_threads, progress=progress)
         info = checkpoint_summary(d)
+        # the model under evaluation is 'main'; another MedQM-I with one part removed is an 'ablation'
+        kind = "main" if is_main else ("ablation" if variant_kind(info["variant"]) == "ablation" else "deep")
         info["split_verified"] = verified[n]
         info["n_failed"] = int(scores["quality"].isna().sum())
         methods.append(Method(n, kind, scores["quality"].to_numpy(dtype=np.float64), False, info))
@@ -554,10 +559,9 @@ def _jsonable(obj):
 
 
 def _write_json(metrics: dict, path: Path) -> None:
-    from medqm._fs import atomic_path
+    from medqm._fs import write_json
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_json(_jsonable(metrics), path, indent=1, allow_nan=False)
 
 
 __all__ = ["EvalConfig", "EvalResult", "Method", "evaluate", "resolve_compare", "describe_agreement"]

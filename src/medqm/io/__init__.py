@@ -1,7 +1,15 @@
 """Readers: any medical image file → `MedImage` (float32 display pixels in [0, 1] plus metadata)."""
 
-from ._image import (DEFAULT_MAX_PIXELS, MODALITIES, MedImage, MedQMReadError, MedQMUnsupportedFormatError, ReadFailure,
-                     canonical_modality, modality_family)
+from ._image import (
+    DEFAULT_MAX_PIXELS,
+    MODALITIES,
+    MedImage,
+    MedQMReadError,
+    MedQMUnsupportedFormatError,
+    ReadFailure,
+    canonical_modality,
+    modality_family,
+)
 from ._reader import FORMATS, iter_images, read_image, read_images, sniff_format
 from ._resize import resize_pad
 from ._volume import AXIS_NAMES, read_volume_slices

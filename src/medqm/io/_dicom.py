@@ -175,7 +175,8 @@ def _grayscale(arr: np.ndarray, ds, frame: int, window: Window, modality: str | 
         if chosen is None:
             center = _first(_frame_attr(ds, "WindowCenter", frame))
             width = _first(_frame_attr(ds, "WindowWidth", frame))
-            chosen = (center, width) if center is not None and width and width > 0 else default_window(modality, body_part)
+            chosen = ((center, width) if center is not None and width and width > 0
+                      else default_window(modality, body_part))
         function = str(_frame_attr(ds, "VOILUTFunction", frame, "LINEAR")).upper()
         if function == "SIGMOID" and isinstance(chosen, tuple) and window is None:
             center, width = chosen

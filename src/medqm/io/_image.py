@@ -110,7 +110,7 @@ class ReadFailure:
     reason: str
 
     @classmethod
-    def from_error(cls, err: MedQMReadError) -> "ReadFailure":
+    def from_error(cls, err: MedQMReadError) -> ReadFailure:
         return cls(err.path, err.reason)
 
 
@@ -140,7 +140,8 @@ class MedImage:
     def __post_init__(self):
         p = self.pixels
         if not isinstance(p, np.ndarray) or p.dtype != np.float32:
-            raise TypeError(f"{self.path}: MedImage.pixels must be a float32 ndarray, got {type(p).__name__} {getattr(p, 'dtype', '')}")
+            raise TypeError(f"{self.path}: MedImage.pixels must be a float32 ndarray, "
+                            f"got {type(p).__name__} {getattr(p, 'dtype', '')}")
         if not (p.ndim == 2 or (p.ndim == 3 and p.shape[2] == 3)):
             raise ValueError(f"{self.path}: MedImage.pixels must be H×W or H×W×3, got shape {p.shape}")
 

@@ -7,12 +7,17 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ._dicom import read_dicom
-from ._image import (DEFAULT_MAX_PIXELS, MedImage, MedQMReadError, MedQMUnsupportedFormatError, ReadFailure,
-                     canonical_modality)
+from ._image import (
+    DEFAULT_MAX_PIXELS,
+    MedImage,
+    MedQMReadError,
+    MedQMUnsupportedFormatError,
+    ReadFailure,
+    canonical_modality,
+)
 from ._raster import read_raster
-from ._volume import _parse_axis, read_volume
+from ._volume import parse_axis, read_volume
 from ._window import Window, resolve_window
-
 
 FORMATS = ("dicom", "nifti", "nrrd", "png", "jpeg", "jpeg2000", "tiff", "bmp", "npy")
 
@@ -128,7 +133,7 @@ def _read(path: Path, *, index, all_frames, axis, window, modality, body_part, c
     # argument errors are the caller's (ValueError), checked before the file is touched
     resolve_window(window, modality=None, body_part=None)
     modality = canonical_modality(modality)
-    _parse_axis(axis)
+    parse_axis(axis)
     if index is not None and index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     if max_pixels <= 0:

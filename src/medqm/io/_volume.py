@@ -21,7 +21,8 @@ AXIS_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
 _LPS = ("L", "P", "S")
 
 
-def _parse_axis(axis: int | str | None) -> int:
+def parse_axis(axis: int | str | None) -> int:
+    """The array axis (0 sagittal, 1 coronal, 2 axial) for an axis name or index; None means axial."""
     if axis is None:
         return 2
     if isinstance(axis, str):
@@ -68,7 +69,8 @@ def _check_size(path: Path, shape, max_pixels: int) -> None:
         raise MedQMReadError(path, f"volume has an empty dimension {tuple(shape)}")
     biggest_slice = max(shape[0] * shape[1], shape[0] * shape[2], shape[1] * shape[2])
     if biggest_slice > max_pixels or int(np.prod(shape, dtype=np.float64)) > 64 * max_pixels:
-        raise MedQMReadError(path, f"volume of shape {tuple(shape)} exceeds the size limit ({max_pixels} pixels per slice)")
+        raise MedQMReadError(path,
+                             f"volume of shape {tuple(shape)} exceeds the size limit ({max_pixels} pixels per slice)")
 
 
 def load_volume(path: Path, *, max_pixels: int):
@@ -119,11 +121,12 @@ def volume_slice(data: np.ndarray, axis: int, k: int) -> np.ndarray:
     return data[k, :, :].T[::-1]
 
 
-def read_volume_slices(path: str | Path, *, axis: int | str | None = 2, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
+def read_volume_slices(path: str | Path, *, axis: int | str | None = 2,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
     """Raw (unwindowed) slices of a volume in display orientation; for label masks that must not be windowed."""
     path = Path(path)
     data, _, _ = load_volume(path, max_pixels=max_pixels)
-    ax = _parse_axis(axis)
+    ax = parse_axis(axis)
     return [np.ascontiguousarray(volume_slice(data, ax, k)) for k in range(data.shape[ax])]
 
 
@@ -139,7 +142,7 @@ def read_volume(
     case_id: str | None,
     max_pixels: int,
 ) -> list[MedImage]:
-    ax = _parse_axis(axis)
+    ax = parse_axis(axis)
     data, zooms, bits = load_volume(path, max_pixels=max_pixels)
     if not np.isfinite(data).all():
         raise MedQMReadError(path, "voxel data contains NaN or infinite values")

@@ -44,7 +44,7 @@ def load_manifest(root: str | Path):
     return df
 
 
-def load_manifests(roots) -> "pd.DataFrame":  # noqa: F821
+def load_manifests(roots) -> pd.DataFrame:  # noqa: F821
     """Several collections as one table (a ``collection`` column says which); image ids must not repeat."""
     import pandas as pd
 
@@ -81,7 +81,8 @@ def summarize(root) -> CollectionSummary:
         by_mod[str(mod)] = {"images": len(g), "cases": g["case_id"].nunique(), "lesion": int(lesion)}
     by_part = {(str(m), str(b) or "-"): len(g) for (m, b), g in df.groupby(["modality", "body_part"], sort=True)}
     missing = [p for p in df["abs_path"] if not Path(p).is_file()]
-    return CollectionSummary(Path(root) if isinstance(root, (str, Path)) else Path(str(root[0])), len(df), df["case_id"].nunique(), by_mod, by_part, missing)
+    return CollectionSummary(Path(root) if isinstance(root, (str, Path)) else Path(str(root[0])), len(df),
+                             df["case_id"].nunique(), by_mod, by_part, missing)
 
 
 def contact_sheet(root, out: str | Path, *, per_modality: int = 8, thumb: int = 128) -> Path:
@@ -118,7 +119,8 @@ def contact_sheet(root, out: str | Path, *, per_modality: int = 8, thumb: int = 
     return out
 
 
-__all__ = ["MANIFEST", "load_manifest", "load_manifests", "summarize", "contact_sheet", "default_collection", "CollectionSummary",
+__all__ = ["MANIFEST", "load_manifest", "load_manifests", "summarize", "contact_sheet", "default_collection",
+           "CollectionSummary",
            "read_collection_image"]
 
 

@@ -192,7 +192,8 @@ def read_tasks(path: str | Path, *, check_images: bool = True) -> list[VQAItem]:
     if problems:
         raise TaskFileError(path, problems)
     if check_images:
-        missing = [(ln, f"image file not found: {it.image}") for ln, it in zip(lines, items) if not Path(it.image).is_file()]
+        missing = [(ln, f"image file not found: {it.image}")
+                   for ln, it in zip(lines, items, strict=True) if not Path(it.image).is_file()]
         if missing:
             raise TaskFileError(path, missing)
     return items
@@ -302,7 +303,8 @@ def read_vqa_rad(json_path: str | Path, image_dir: str | Path, *, check_images: 
         atype = str(e["answer_type"]).strip().upper()
         answer, choices = _closed_answer(str(e["answer"]), atype, YES_NO)
         name = str(e["image_name"]).strip()
-        meta = {k: e[k] for k in ("qid", "question_type", "image_organ", "phrase_type", "qid_linked_id", "image_case_url")
+        meta = {k: e[k] for k in ("qid", "question_type", "image_organ", "phrase_type", "qid_linked_id",
+                                  "image_case_url")
                 if e.get(k) not in (None, "", "NULL")}
         items.append(VQAItem(str((image_dir / name).resolve()), str(e["question"]).strip(), answer, name, atype,
                              name, None, choices, meta))
@@ -421,10 +423,10 @@ def _as_manifest(collection):
             if "root" not in df:
                 raise ValueError("a manifest DataFrame needs an 'abs_path' column (load_manifest adds it) "
                                  "or a 'root' column")
-            df["abs_path"] = [str(Path(r) / p) for r, p in zip(df["root"], df["path"])]
+            df["abs_path"] = [str(Path(r) / p) for r, p in zip(df["root"], df["path"], strict=True)]
         if "root" not in df:
             roots = []  # abs_path = root / path, so the root is abs_path less path's parts
-            for a, p in zip(df["abs_path"], df["path"]):
+            for a, p in zip(df["abs_path"], df["path"], strict=True):
                 a, p = Path(a), Path(str(p))
                 tail = len(p.parts)
                 roots.append(str(Path(*a.parts[:-tail])) if a.parts[-tail:] == p.parts else str(a.parent))
@@ -440,7 +442,7 @@ def _as_manifest(collection):
     df["abs_path"] = [str(Path(p).resolve()) for p in df["abs_path"]]
     if "mask" in df:
         df["abs_mask"] = [str((Path(r) / str(m).strip()).resolve()) if str(m).strip() not in ("", "nan") else ""
-                          for r, m in zip(df["root"], df["mask"])]
+                          for r, m in zip(df["root"], df["mask"], strict=True)]
     else:
         df["abs_mask"] = ""
     return df.reset_index(drop=True)

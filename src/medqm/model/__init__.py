@@ -6,7 +6,17 @@ ablations), load a trained checkpoint folder with `MedQMI.from_pretrained`, and 
 """
 
 from ._registry import create_model, is_model, list_models, model_default_cfg, register_model
-from .medqm_i import ABLATIONS, GatedMoE, ImplicitQueries, MedQMI, MedQMIConfig, Router, TextualPriors, default_cfgs
+from .medqm_i import (
+    ABLATIONS,
+    GatedMoE,
+    ImplicitQueries,
+    MedQMI,
+    MedQMIConfig,
+    Router,
+    TextualPriors,
+    default_cfgs,
+    variant_kind,
+)
 from .priors import PromptBank, embed_sentences, list_prompt_banks, load_prompt_bank
 from .scoring import (
     CheckpointInfo,
@@ -34,6 +44,7 @@ __all__ = [
     "GatedMoE",
     "Router",
     "ABLATIONS",
+    "variant_kind",
     "default_cfgs",
     "PromptBank",
     "load_prompt_bank",

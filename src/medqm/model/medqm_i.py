@@ -33,9 +33,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from medqm import __version__
+from medqm._fs import atomic_path, write_json, write_text
 
 from ._registry import create_model, model_default_cfg, register_default_cfg, register_model
-from .priors import DEFAULT_BANK, TEXT_DIM, TEXT_ENCODER, PromptBank, embed_sentences, load_prompt_bank, parse_prompt_bank
+from .priors import (
+    DEFAULT_BANK,
+    TEXT_DIM,
+    TEXT_ENCODER,
+    PromptBank,
+    embed_sentences,
+    load_prompt_bank,
+    parse_prompt_bank,
+)
 
 ARCHITECTURE = "medqm_i"
 CONFIG_NAME = "config.json"
@@ -97,8 +106,10 @@ class MedQMIConfig:
     def __post_init__(self):
         self.out_indices = tuple(int(i) for i in self.out_indices)
         if self.img_size < 32 or self.img_size % 32:
-            raise ValueError(f"img_size must be a multiple of 32 and >= 32 (the backbone's stride), got {self.img_size}")
-        if not self.out_indices or any(i not in range(5) for i in self.out_indices) or len(set(self.out_indices)) != len(self.out_indices):
+            raise ValueError(f"img_size must be a multiple of 32 and >= 32 (the backbone's stride), "
+                             f"got {self.img_size}")
+        if (not self.out_indices or any(i not in range(5) for i in self.out_indices)
+                or len(set(self.out_indices)) != len(self.out_indices)):
             raise ValueError(f"out_indices must be distinct backbone stages in 0..4, got {self.out_indices}")
         if self.embed_dim % self.num_heads or self.embed_dim % 4:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}) and by 4")
@@ -123,7 +134,7 @@ class MedQMIConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MedQMIConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MedQMIConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -159,12 +170,13 @@ class ImageTokenizer(nn.Module):
         self.scale_embed = nn.Parameter(torch.zeros(len(channels), dim))
         nn.init.trunc_normal_(self.scale_embed, std=0.02)
         self.grids = [(img_size // r, img_size // r) for r in reductions]
-        for i, ((h, w), r) in enumerate(zip(self.grids, reductions)):
-            self.register_buffer(f"pos_{i}", sincos_pos_embed_2d(h, w, dim, stride=r, img_size=img_size), persistent=False)
+        for i, ((h, w), r) in enumerate(zip(self.grids, reductions, strict=True)):
+            self.register_buffer(f"pos_{i}", sincos_pos_embed_2d(h, w, dim, stride=r, img_size=img_size),
+                                 persistent=False)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         tokens = []
-        for i, (f, proj) in enumerate(zip(feats, self.proj)):
+        for i, (f, proj) in enumerate(zip(feats, self.proj, strict=True)):
             t = proj(f).flatten(2).transpose(1, 2)  # B, h*w, D
             tokens.append(t + getattr(self, f"pos_{i}").to(t.dtype) + self.scale_embed[i].to(t.dtype))
         return torch.cat(tokens, dim=1)
@@ -292,7 +304,8 @@ class GatedMoE(nn.Module):
     def __init__(self, dim: int, num_experts: int, hidden: int, gating: str = "softmax", top_k: int = 2):
         super().__init__()
         self.router = Router(dim, num_experts, gating, top_k)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1)) for _ in range(num_experts))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+                                     for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor):
         gates, balance = self.router(x)
@@ -321,7 +334,8 @@ def _build_backbone(cfg: MedQMIConfig, pretrained: bool) -> nn.Module:
     if not pretrained:
         return timm.create_model(cfg.backbone, pretrained=False, features_only=True, out_indices=cfg.out_indices)
     if cfg.backbone != "tf_efficientnet_lite0":
-        raise ValueError(f"offline ImageNet weights exist for tf_efficientnet_lite0 only; use pretrained_backbone=False for {cfg.backbone!r}")
+        raise ValueError("offline ImageNet weights exist for tf_efficientnet_lite0 only; "
+                         f"use pretrained_backbone=False for {cfg.backbone!r}")
     from medqm._pretrained import efficientnet_lite0_imagenet
 
     mapped = efficientnet_lite0_imagenet()
@@ -348,7 +362,8 @@ class MedQMI(nn.Module):
             are used. Checkpoints pass zeros and overwrite them with the stored buffer.
     """
 
-    def __init__(self, cfg: MedQMIConfig, *, pretrained_backbone: bool = True, prior_embeddings: torch.Tensor | np.ndarray | None = None):
+    def __init__(self, cfg: MedQMIConfig, *, pretrained_backbone: bool = True,
+                 prior_embeddings: torch.Tensor | np.ndarray | None = None):
         super().__init__()
         self.cfg = cfg
         self.prompt_bank: PromptBank | None = None
@@ -368,7 +383,8 @@ class MedQMI(nn.Module):
                 prior_embeddings = embed_sentences(self.prompt_bank.sentences)
             emb = torch.as_tensor(np.asarray(prior_embeddings, dtype=np.float32))
             if cfg.num_priors and emb.shape[0] != cfg.num_priors:
-                raise ValueError(f"config says num_priors={cfg.num_priors} but {emb.shape[0]} prior embeddings were given")
+                raise ValueError(f"config says num_priors={cfg.num_priors} "
+                                 f"but {emb.shape[0]} prior embeddings were given")
             cfg.num_priors = int(emb.shape[0])
             cfg.prior_dim = int(emb.shape[1])
             self.priors = TextualPriors(emb, D)
@@ -393,7 +409,7 @@ class MedQMI(nn.Module):
     def num_experts(self) -> int:
         return self.cfg.num_experts if self.cfg.head == "moe" else 1
 
-    def set_backbone_trainable(self, trainable: bool) -> "MedQMI":
+    def set_backbone_trainable(self, trainable: bool) -> MedQMI:
         """Freeze (False) or unfreeze the backbone; a frozen backbone also stays in eval mode (BN statistics)."""
         self._backbone_frozen = not trainable
         for p in self.backbone.parameters():
@@ -488,7 +504,8 @@ class MedQMI(nn.Module):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, directory: str | os.PathLike, *, extra_files: dict[str, str | bytes] | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, *,
+                        extra_files: dict[str, str | bytes] | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ ``prompts.txt``) into ``directory``; no pickle.
 
         ``extra_files`` (name → text or bytes) are written beside them (the trainer adds split and metrics).
@@ -498,7 +515,8 @@ class MedQMI(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "architecture": ARCHITECTURE})
+        with atomic_path(d / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "architecture": ARCHITECTURE})
         config = {
             "architecture": ARCHITECTURE,
             "medqm_version": __version__,
@@ -508,16 +526,18 @@ class MedQMI(nn.Module):
         if self.priors is not None and self.prompt_bank is not None:
             config["prompt_bank"] = {"version": self.prompt_bank.version, "sha256": self.prompt_bank.sha256,
                                      "sentences": len(self.prompt_bank), "file": PROMPTS_NAME}
-            (d / PROMPTS_NAME).write_text(self.prompt_bank.to_text(), encoding="utf-8")
-        (d / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            write_text(self.prompt_bank.to_text(), d / PROMPTS_NAME)
+        write_json(config, d / CONFIG_NAME)
         for name, content in (extra_files or {}).items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(d / name, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-                f.write(content)
+            if isinstance(content, bytes):
+                with atomic_path(d / name) as tmp:
+                    tmp.write_bytes(content)
+            else:
+                write_text(content, d / name)
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> "MedQMI":
+    def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> MedQMI:
         """Load a checkpoint folder written by `save_pretrained` (no text encoder, no download)."""
         from safetensors.torch import load_file
 
@@ -535,11 +555,12 @@ class MedQMI(nn.Module):
         model.load_state_dict(state, strict=True)
         if cfg.use_priors and (d / PROMPTS_NAME).is_file():
             bank = meta.get("prompt_bank", {})
-            model.prompt_bank = parse_prompt_bank((d / PROMPTS_NAME).read_text(encoding="utf-8"), bank.get("version", "checkpoint"))
+            model.prompt_bank = parse_prompt_bank((d / PROMPTS_NAME).read_text(encoding="utf-8"),
+                                                  bank.get("version", "checkpoint"))
         return model.to(map_location).eval()
 
 
-# --------------------------------------------------------------------------------------------------- config table + entrypoints
+# ------------------------------------------------------------------------------------------- config table + entrypoints
 
 default_cfgs: dict[str, dict[str, Any]] = {
     "medqm_i": {},
@@ -551,11 +572,20 @@ default_cfgs: dict[str, dict[str, Any]] = {
 ABLATIONS = ("medqm_i_no_priors", "medqm_i_no_queries", "medqm_i_single_head", "medqm_i_baseline")
 
 
+def variant_kind(variant: str | None) -> str:
+    """How reports class a checkpoint by its variant: 'main' (medqm_i), 'ablation' (MedQM-I with one part
+    removed) or 'deep' (the plain-regression-head baseline, and any checkpoint of an unknown variant)."""
+    if variant == "medqm_i":
+        return "main"
+    return "ablation" if variant in ABLATIONS and variant != "medqm_i_baseline" else "deep"
+
+
 def _create_medqm_i(variant: str, pretrained_backbone: bool = True, prior_embeddings=None, **kwargs) -> MedQMI:
     cfg_kwargs = {**default_cfgs[variant], **kwargs}
     cfg_kwargs.setdefault("meta", {})
     cfg_kwargs["meta"] = {"variant": variant, **cfg_kwargs["meta"]}
-    return MedQMI(MedQMIConfig(**cfg_kwargs), pretrained_backbone=pretrained_backbone, prior_embeddings=prior_embeddings)
+    return MedQMI(MedQMIConfig(**cfg_kwargs), pretrained_backbone=pretrained_backbone,
+                  prior_embeddings=prior_embeddings)
 
 
 for _name, _cfg in default_cfgs.items():

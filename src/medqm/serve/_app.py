@@ -107,7 +107,7 @@ class _Gate:
                 heatmap: bool) -> list[ImageResult]:
         """One `ImageResult` per (file name, image, read ms) and its score: verdict, loss, timing, heatmap."""
         out = []
-        for (name, img, read_ms), s in zip(images, scored):
+        for (name, img, read_ms), s in zip(images, scored, strict=True):
             q = float(s.score.quality)
             th = self.cfg.thresholds_for(img.modality)
             out.append(ImageResult(
@@ -153,7 +153,8 @@ def _times(n: float) -> str:
 
 
 def _read_error(name: str, err: MedQMReadError, kind: str | None, tmp: Path) -> GateError:
-    """The reader's reason → the right 4xx: 413 for size limits, 415 for unknown formats (by content), 422 for the rest."""
+    """The reader's reason → the right 4xx: 413 for size limits, 415 for unknown formats (by content), 422 for the
+    rest."""
     reason = err.reason.replace(str(tmp), name).replace(str(tmp.parent), "")  # no server paths in answers
     if "exceeds the" in reason or "not enough memory" in reason:
         return GateError(413, "image_too_large", f"{name}: {reason}", name)
@@ -398,7 +399,8 @@ def _add_middleware(app: FastAPI, gate: _Gate) -> None:
     app.add_middleware(_RequestGuard, max_bytes=cfg.limits.max_upload_bytes, no_room=gate.no_room)
 
 
-def run(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run(config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+        log_level: str = "info") -> None:
     """Serve the quality gate with uvicorn (blocks). Uvicorn's access log is off: it would log query strings."""
     import uvicorn
 

@@ -162,5 +162,5 @@ class MicroBatcher:
             group[0].future.set_exception(RuntimeError("the model failed on this image"))
             return
         ms = (time.perf_counter() - start) * 1000.0
-        for item, s in zip(group, scores):
+        for item, s in zip(group, scores, strict=True):
             item.future.set_result(Scored(s, (start - item.enqueued) * 1000.0, ms, len(group)))

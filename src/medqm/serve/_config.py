@@ -23,10 +23,11 @@ class Thresholds(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pass_min: float = Field(0.5, ge=0.0, le=1.0, description="quality at or above which an image passes")
-    review_min: float = Field(0.25, ge=0.0, le=1.0, description="quality at or above which it goes to review; below, reject")
+    review_min: float = Field(0.25, ge=0.0, le=1.0,
+                              description="quality at or above which it goes to review; below, reject")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Thresholds":
+    def _ordered(self) -> Thresholds:
         if self.review_min > self.pass_min:
             raise ValueError(f"review_min ({self.review_min}) must not exceed pass_min ({self.pass_min})")
         return self
@@ -57,7 +58,8 @@ class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
-    window_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long the first image of a batch waits for company")
+    window_ms: float = Field(5.0, ge=0.0, le=1000.0,
+                             description="how long the first image of a batch waits for company")
     max_batch: int = Field(32, ge=1, le=1024, description="images per forward pass")
     max_queue: int = Field(256, ge=1, le=65536, description="images waiting for the model; beyond, requests get 503")
     retry_after_s: int = Field(1, ge=1, le=3600, description="the Retry-After (seconds) of a 503 for a full queue")
@@ -77,11 +79,12 @@ class ServeConfig(BaseModel):
         default_factory=dict, description="per-modality overrides, keyed by modality (CT, MR, XR, …)")
     limits: Limits = Limits()
     batching: Batching = Batching()
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call from a browser; empty: CORS off")
+    cors_origins: list[str] = Field(default_factory=list,
+                                    description="origins allowed to call from a browser; empty: CORS off")
     heatmap_max_side: int = Field(512, ge=16, le=4096, description="longest side of a returned heatmap PNG, pixels")
 
     @model_validator(mode="after")
-    def _queue_holds_a_request(self) -> "ServeConfig":
+    def _queue_holds_a_request(self) -> ServeConfig:
         if self.batching.max_queue < self.limits.max_files:
             raise ValueError(f"batching.max_queue ({self.batching.max_queue}) must be at least limits.max_files "
                              f"({self.limits.max_files}): a request with the most files must fit in an empty queue")
@@ -93,7 +96,8 @@ class ServeConfig(BaseModel):
         return {canonical_modality(k): t for k, t in v.items()}
 
     def thresholds_for(self, modality: str | None) -> Thresholds:
-        """The modality's own thresholds when configured, else its family's (XR for CR, DX, XA, RF), else the default."""
+        """The modality's own thresholds when configured, else its family's (XR for CR, DX, XA, RF), else the
+        default."""
         if not modality:
             return self.thresholds
         for key in (modality, modality_family(modality)):

@@ -99,7 +99,8 @@ LESION_PARAMS: dict[str, LesionParams] = {
     "XR": LesionParams((5.0, 11.0), (0.06, 0.25), (1.8, 5.0), (0.25, 0.45), (LesionKind("nodule", +1),), (1.0,), 0.0),
     # retinal blot haemorrhage (dark red) or hard exudate (yellow)
     "FUNDUS": LesionParams((3.0, 7.0), (0.06, 0.25), (2.0, 8.0), (0.2, 0.4),
-                           (LesionKind("haemorrhage", -1, (0.8, 1.1, 0.6)), LesionKind("exudate", +1, (0.6, 1.0, 0.25))),
+                           (LesionKind("haemorrhage", -1, (0.8, 1.1, 0.6)),
+                            LesionKind("exudate", +1, (0.6, 1.0, 0.25))),
                            (0.6, 0.4), 1.0),
 }
 
@@ -415,7 +416,8 @@ def _render(px, hp_grey, anat, site: _Site, shp: _Shape, prm: LesionParams, rng:
 
 def insert_lesion(pixels, *, rng_or_seed, modality: str, body_mask=None, radius: float | None = None,
                   contrast: float | None = None, center: tuple[int, int] | None = None,
-                  kind: str | None = None, quadrant: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                  kind: str | None = None,
+                  quadrant: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Insert one synthetic lesion into a real image (see the module docstring for the model).
 
     Args:

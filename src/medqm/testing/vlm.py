@@ -28,7 +28,17 @@ __all__ = ["TINY_FAMILIES", "build_tiny_vlm"]
 
 TINY_FAMILIES = ("llava", "qwen2_vl", "smolvlm")
 
-_CORPUS_WORDS = ["yes", "no", "none", "normal", "abnormal", "left", "right", "upper", "lower", "middle", "anterior", "posterior", "axial", "coronal", "sagittal", "image", "scan", "slice", "view", "chest", "abdomen", "brain", "head", "neck", "spine", "pelvis", "knee", "hand", "lung", "liver", "kidney", "heart", "lesion", "mass", "nodule", "fracture", "effusion", "pneumonia", "tumor", "cyst", "hemorrhage", "edema", "opacity", "calcification", "ct", "mri", "mr", "x-ray", "xray", "ultrasound", "pet", "dermoscopy", "histology", "fundus", "mammography", "modality", "plane", "organ", "what", "which", "where", "is", "there", "are", "the", "a", "an", "of", "in", "this", "shown", "does", "show", "visible", "present", "absent", "quadrant", "body", "part", "contrast", "enhanced", "t1", "t2", "flair", "dwi", "weighted", "sequence", "window", "bone", "soft", "tissue", "quality", "noise", "blur", "motion", "artifact", "ghosting", "aliasing", "streak", "ring", "bias", "field", "compression", "resolution"]
+_CORPUS_WORDS = ["yes", "no", "none", "normal", "abnormal", "left", "right", "upper", "lower", "middle", "anterior",
+                 "posterior", "axial", "coronal", "sagittal", "image", "scan", "slice", "view", "chest", "abdomen",
+                 "brain", "head", "neck", "spine", "pelvis", "knee", "hand", "lung", "liver", "kidney", "heart",
+                 "lesion", "mass", "nodule", "fracture", "effusion", "pneumonia", "tumor", "cyst", "hemorrhage",
+                 "edema", "opacity", "calcification", "ct", "mri", "mr", "x-ray", "xray", "ultrasound", "pet",
+                 "dermoscopy", "histology", "fundus", "mammography", "modality", "plane", "organ", "what", "which",
+                 "where", "is", "there", "are", "the", "a", "an", "of", "in", "this", "shown", "does", "show",
+                 "visible", "present", "absent", "quadrant", "body", "part", "contrast", "enhanced", "t1", "t2",
+                 "flair", "dwi", "weighted", "sequence", "window", "bone", "soft", "tissue", "quality", "noise", "blur",
+                 "motion", "artifact", "ghosting", "aliasing", "streak", "ring", "bias", "field", "compression",
+                 "resolution"]
 
 # SmolVLM's processor writes these between image tiles (real checkpoints have them as added tokens)
 _SMOLVLM_TILE_TOKENS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]

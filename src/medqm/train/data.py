@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medqm._fs import atomic_path
+from medqm._fs import atomic_path, write_json
 from medqm._fs import file_sha256 as file_digest
 from medqm.io import MedQMReadError, read_image
 
@@ -88,9 +88,10 @@ class FeatureCache:
         tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
         self.dir = Path(root) / f"{cfg.backbone}-{cfg.img_size}-{tag}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "cache.json").write_text(json.dumps(ident, indent=1) + "\n")
+        write_json(ident, self.dir / "cache.json", indent=1)
         S = cfg.img_size
-        self.shapes = [(c, S // r, S // r) for c, r in zip(model.feature_channels, model.feature_reductions)]
+        self.shapes = [(c, S // r, S // r)
+                       for c, r in zip(model.feature_channels, model.feature_reductions, strict=True)]
         self.sizes = [int(np.prod(s)) for s in self.shapes]
         self._torch = torch
 
@@ -102,7 +103,7 @@ class FeatureCache:
         """Make sure features exist for ``paths``; returns (key per path or "" when it failed, failures)."""
         torch = self._torch
         keys = [file_digest(p) for p in paths]
-        todo = [(p, k) for p, k in zip(paths, keys) if not self.file_for(k).is_file()]
+        todo = [(p, k) for p, k in zip(paths, keys, strict=True) if not self.file_for(k).is_file()]
         todo = list(dict((k, (p, k)) for p, k in todo).values())  # identical files once
         failures: list[tuple[str, str]] = []
         done = len(paths) - len(todo)
@@ -128,7 +129,7 @@ class FeatureCache:
                         with torch.inference_mode():
                             feats = self.model.forward_backbone(x)
                         flat = torch.cat([f.flatten(1) for f in feats], dim=1).to(torch.float16).cpu().numpy()
-                        for k, v in zip(ok, flat):
+                        for k, v in zip(ok, flat, strict=True):
                             with atomic_path(self.file_for(k)) as tmp, open(tmp, "wb") as fh:
                                 np.save(fh, v, allow_pickle=False)
                     done += len(chunk)
@@ -137,14 +138,14 @@ class FeatureCache:
             finally:
                 self.model.backbone.train(backbone_was_training)
         bad = {p for p, _ in failures}
-        return [("" if p in bad else k) for p, k in zip(paths, keys)], failures
+        return [("" if p in bad else k) for p, k in zip(paths, keys, strict=True)], failures
 
     def load(self, keys: Sequence[str]) -> list:
         """Stacked features of ``keys`` as float32 tensors, one (B, C, h, w) per backbone stage."""
         torch = self._torch
         flat = np.stack([np.load(self.file_for(k), allow_pickle=False) for k in keys]).astype(np.float32)
         out, start = [], 0
-        for shape, size in zip(self.shapes, self.sizes):
+        for shape, size in zip(self.shapes, self.sizes, strict=True):
             out.append(torch.from_numpy(np.ascontiguousarray(flat[:, start : start + size])).reshape(len(keys), *shape))
             start += size
         return out
@@ -154,7 +155,8 @@ class ImageDataset:
     """Images read and preprocessed on the fly (fine-tuning mode); optional horizontal flips."""
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray, img_size: int, *, flip: bool = False, seed: int = 0):
-        self.paths, self.targets, self.img_size, self.flip = list(paths), np.asarray(targets, np.float32), img_size, flip
+        self.paths, self.targets, self.img_size, self.flip = (list(paths), np.asarray(targets, np.float32),
+                                                              img_size, flip)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:

@@ -21,7 +21,8 @@ def plcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> to
     return 1 - r
 
 
-def pairwise_rank_loss(pred: torch.Tensor, target: torch.Tensor, *, margin: float = 0.0, min_gap: float = 0.01) -> torch.Tensor:
+def pairwise_rank_loss(pred: torch.Tensor, target: torch.Tensor, *, margin: float = 0.0,
+                       min_gap: float = 0.01) -> torch.Tensor:
     """Logistic pairwise ranking loss over all pairs whose targets differ by more than ``min_gap``.
 
     For a pair with target_i > target_j the loss is softplus(−(pred_i − pred_j − margin) / 0.05); the mean over
@@ -61,7 +62,8 @@ class QualityLoss(torch.nn.Module):
             rank = pred.sum() * 0
         balance = out["balance_loss"].float() - 1.0 if out["gates"].shape[-1] > 1 else pred.sum() * 0
         total = self.w_reg * reg + self.w_rank * rank + self.w_balance * balance
-        return total, {k: float(v.detach()) for k, v in (("loss", total), ("mse", reg), ("rank", rank), ("balance", balance))}
+        return total, {k: float(v.detach()) for k, v in (("loss", total), ("mse", reg), ("rank", rank),
+                                                         ("balance", balance))}
 
 
 __all__ = ["plcc_loss", "pairwise_rank_loss", "QualityLoss"]

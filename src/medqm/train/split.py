@@ -39,11 +39,12 @@ def make_split(labels, *, fractions=(0.7, 0.15, 0.15), seed: int = 0, stratify: 
     """
     import pandas as pd
 
-    fr = dict(zip(SPLITS, _check_fractions(fractions)))
+    fr = dict(zip(SPLITS, _check_fractions(fractions), strict=True))
     if "case_id" not in labels:
         raise ValueError("the label table has no case_id column")
     by_case = labels.groupby("case_id", sort=True)
-    group_of = by_case[stratify].agg(lambda s: s.mode().iloc[0]) if stratify else pd.Series("all", index=by_case.size().index)
+    group_of = (by_case[stratify].agg(lambda s: s.mode().iloc[0]) if stratify
+                else pd.Series("all", index=by_case.size().index))
     n_images = by_case.size()
     rng = np.random.default_rng(seed)
     rows = []
@@ -55,7 +56,7 @@ def make_split(labels, *, fractions=(0.7, 0.15, 0.15), seed: int = 0, stratify: 
         if n <= 2:
             cases = sorted(cases, key=lambda c: (-n_images[c], c))  # the larger case trains
             parts = ["train", "test"] if fr["test"] > 0 else ["train", "val"] if fr["val"] > 0 else ["train", "train"]
-            assign = dict(zip(cases, parts))
+            assign = dict(zip(cases, parts, strict=False))
         else:
             total = float(n_images[cases].sum())
             have = dict.fromkeys(SPLITS, 0.0)

@@ -14,7 +14,8 @@ Modes:
 Multi-GPU (fine-tuning): launch the same command with torchrun; each process trains on its shard of the
 training set through DistributedDataParallel, and rank 0 evaluates and writes the checkpoint::
 
-    torchrun --nproc_per_node 4 -m medqm.cli train --labels runs/labels --out runs/medqm-i-ft --mode finetune --device cuda
+    torchrun --nproc_per_node 4 -m medqm.cli train --labels runs/labels --out runs/medqm-i-ft \\
+        --mode finetune --device cuda
 
 (``accelerate launch -m medqm.cli train ...`` works the same way: both set RANK / WORLD_SIZE / LOCAL_RANK.)
 """
@@ -76,7 +77,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     patience: int = 6
-    loss: dict[str, Any] = field(default_factory=lambda: {"w_reg": 10.0, "w_rank": 1.0, "rank": "plcc", "w_balance": 0.01})
+    loss: dict[str, Any] = field(default_factory=lambda: {"w_reg": 10.0, "w_rank": 1.0, "rank": "plcc",
+                                                          "w_balance": 0.01})
     backbone_lr_mult: float = 0.1
     device: str = "cpu"
     amp: bool = True
@@ -289,7 +291,8 @@ def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
     model.to(run.device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.say(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained ({cfg.mode} backbone)")
+    run.say(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters, "
+            f"{n_train / 1e6:.2f} M trained ({cfg.mode} backbone)")
     run.model = model
 
 
@@ -529,7 +532,8 @@ def _fmt_epoch(row: dict[str, Any], improved: bool) -> str:
          f"(mse {row.get('train_mse', float('nan')):.4f}, rank {row.get('train_rank', float('nan')):.4f}, "
          f"balance {row.get('train_balance', float('nan')):.3f})  "
          f"{ev} SRCC {row.get(f'{ev}_srcc', float('nan')):.4f} PLCC_raw {row.get(f'{ev}_plcc_raw', float('nan')):.4f} "
-         f"RMSE_raw {row.get(f'{ev}_rmse_raw', float('nan')):.4f}  experts {row.get('expert_load', '')}  {row['seconds']:.1f}s")
+         f"RMSE_raw {row.get(f'{ev}_rmse_raw', float('nan')):.4f}  experts {row.get('expert_load', '')}  "
+         f"{row['seconds']:.1f}s")
     return s + ("  *" if improved else "")
 
 

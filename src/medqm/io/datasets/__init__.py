@@ -50,7 +50,10 @@ def build_collection(name: str, out: str | Path, *, cache: str | Path | None = N
             downloading; matched to the dataset's archives by file name.
         force: rebuild even when the folder's stamp says it is up to date.
     """
+    from medqm._extras import require
+
     ds = get_dataset(name)
+    require("data", "medqm data build")
     out = Path(out)
     local = [Path(s) for s in sources]
     paths, prov = {}, []

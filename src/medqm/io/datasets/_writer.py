@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medqm._fs import atomic_path, write_records_csv
+from medqm._fs import atomic_path, write_json, write_records_csv, write_text
 
 SIZE = 256
 STAMP = "build.json"
@@ -77,13 +77,10 @@ class CollectionWriter:
         return row
 
     def write_text(self, name: str, text: str) -> Path:
-        path = self.out / name
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
-        return path
+        return write_text(text, self.out / name)
 
     def write_json(self, name: str, obj) -> Path:
-        return self.write_text(name, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        return write_json(obj, self.out / name, sort_keys=True, default=str)
 
     def finish(self, stamp: dict) -> Path:
         """Remove files of images no longer in the manifest, write ``manifest.csv`` and the stamp."""

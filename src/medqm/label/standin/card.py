@@ -85,7 +85,8 @@ def _card_head(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict) -> 
         ]),
         "",
         "Prompt format: the llava-hf LLaVA-1.5 chat template, `USER: <image>\\n{question} ASSISTANT: {answer}` with "
-        "`</s>` ending the answer. Images are converted to 8-bit RGB, resized (no crop, so a lesion's image quadrant is "
+        "`</s>` ending the answer. Images are converted to 8-bit RGB, resized (no crop, so a lesion's image "
+        "quadrant is "
         f"kept) to {a['image_size']} × {a['image_size']} px by the CLIP image processor, normalised with mean "
         f"{list(a['image_mean'])} and std "
         f"{list(a['image_std'])}.",
@@ -103,7 +104,9 @@ def _card_head(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict) -> 
         "",
         "Questions (answer type: question — closed answer set):",
         "",
-        *[f"- `{t}`: \"{QUESTION_TEMPLATES[k]}\" — {', '.join(sorted({c for it in data.items if it.question == QUESTION_TEMPLATES[k] for c in (it.choices or [])}))}"
+        *[f"- `{t}`: \"{QUESTION_TEMPLATES[k]}\" — "
+          + ", ".join(sorted({c for it in data.items if it.question == QUESTION_TEMPLATES[k]
+                              for c in (it.choices or [])}))
           for t, k in (("modality", "modality"), ("body_part", "body_part"), ("plane", "plane"), ("plane", "view"),
                        ("lesion_present", "lesion_present"), ("lesion_quadrant", "lesion_quadrant"))],
         "",
@@ -182,8 +185,10 @@ def _card_training(summary: dict, res: dict, command: str) -> list[str]:
            "features zeroed before the projector, so that no answer hangs on a single token."
            if c.get("token_dropout") else ""),
         f"- AdamW (β = 0.9, 0.98; weight decay {c['weight_decay']} on matrices), peak learning rate {c['lr']}, "
-        f"{c['warmup']} warm-up steps then cosine decay to {c['min_lr_ratio']}× peak, gradient clipping {c['grad_clip']}.",
-        f"- Sampling: each question type gets a fixed share of every batch ({', '.join(f'{k} {v:.0%}' for k, v in c['type_share'].items())}); "
+        f"{c['warmup']} warm-up steps then cosine decay to {c['min_lr_ratio']}× peak, "
+        f"gradient clipping {c['grad_clip']}.",
+        "- Sampling: each question type gets a fixed share of every batch "
+        f"({', '.join(f'{k} {v:.0%}' for k, v in c['type_share'].items())}); "
         "inside a type, each (answer, modality) group is drawn ∝ √(its size), which oversamples rare answers and "
         "modalities (e.g. the 4 NM images) without repeating them as often as full balancing would; for "
         "lesion_present, yes and no share each modality's mass equally.",
@@ -215,7 +220,8 @@ def _card_accuracy(res: dict) -> list[str]:
         if t not in acc:
             continue
         tgt = TARGETS.get(t)
-        by = [f"{src} {res['accuracy_by_source'][f'{t}|{src}']['accuracy']:.3f} (n={res['accuracy_by_source'][f'{t}|{src}']['n']})"
+        by = [f"{src} {res['accuracy_by_source'][f'{t}|{src}']['accuracy']:.3f} "
+              f"(n={res['accuracy_by_source'][f'{t}|{src}']['n']})"
               for src in ("demo", "lesions") if f"{t}|{src}" in res["accuracy_by_source"]]
         met = "—" if tgt is None else ("**missed**" if t in missed else "met")
         rows.append([t, f"{acc[t]['accuracy']:.3f}", f"{acc[t]['balanced_accuracy']:.3f}", acc[t]["n"],
@@ -227,12 +233,14 @@ def _card_accuracy(res: dict) -> list[str]:
           "balanced accuracy reach it (the synthetic set holds several lesion-positive hybrids per lesion-free "
           "copy); for modality and body part, whose rarer answers have one to three held-out images, plain "
           "accuracy is the measure. Recall per answer: "
-          + "; ".join(f"{t}: " + ", ".join(f"{a} {v['recall']:.2f} (n={v['n']})" for a, v in acc[t]["per_answer"].items())
+          + "; ".join(f"{t}: " + ", ".join(f"{a} {v['recall']:.2f} (n={v['n']})"
+                                           for a, v in acc[t]["per_answer"].items())
                       for t in ("lesion_present", "lesion_quadrant") if t in acc) + "."]
     L += ["", "By modality:", ""]
     mods = sorted({k.split("|")[1] for k in res["accuracy_by_modality"]})
     L += _table(["question type", *mods],
-                [[t, *[(f"{res['accuracy_by_modality'][f'{t}|{m}']['accuracy']:.2f} ({res['accuracy_by_modality'][f'{t}|{m}']['n']})"
+                [[t, *[(f"{res['accuracy_by_modality'][f'{t}|{m}']['accuracy']:.2f} "
+                        f"({res['accuracy_by_modality'][f'{t}|{m}']['n']})"
                         if f"{t}|{m}" in res["accuracy_by_modality"] else "—") for m in mods]] for t in TYPES])
     missed = missed_targets(acc)
     L += [""]
@@ -241,7 +249,8 @@ def _card_accuracy(res: dict) -> list[str]:
     L += [
         f"`eval_subset.json` holds {res['n_subset']} of these items (demo images and a regenerable prefix of the "
         "lesion set) with every choice's NLL; `tests/label/test_shipped_vlm.py` re-scores them through "
-        "`medqm.label.hf.load_model` and checks the NLLs (≤ 5e-3 relative), the predictions and the targets. Subset accuracy: "
+        "`medqm.label.hf.load_model` and checks the NLLs (≤ 5e-3 relative), the predictions and the targets. "
+        "Subset accuracy: "
         + ", ".join(f"{k} {v:.3f}" for k, v in res["subset_accuracy"].items()) + ".",
         "",
     ]
@@ -267,7 +276,8 @@ def _card_reaction(res: dict, command: str) -> list[str]:
     ]
     L += _table(["type", "modalities", "images", *[f"L{k}" for k in r["levels"]], "L5 − L1", "reacts"],
                 [[k, " ".join(v["modalities"]), v["n_images"], *[f"{v['mean_nll'][lv]:.3f}" for lv in r["levels"]],
-                  f"{v['mean_nll'][r['levels'][-1]] - v['mean_nll'][r['levels'][0]]:+.3f}", "yes" if v["reacts"] else "**no**"]
+                  f"{v['mean_nll'][r['levels'][-1]] - v['mean_nll'][r['levels'][0]]:+.3f}",
+                  "yes" if v["reacts"] else "**no**"]
                  for k, v in sorted(r["types"].items())])
     L += [
         "",
@@ -288,11 +298,13 @@ def _card_reaction(res: dict, command: str) -> list[str]:
         "",
         "```",
         f"{command}                          # lesion set, training, evaluation, this card",
-        "python scripts/train_diagnostic_vlm.py --eval-only              # re-measure, rewrite card and eval_subset.json",
+        ("python scripts/train_diagnostic_vlm.py --eval-only              "
+         "# re-measure, rewrite card and eval_subset.json"),
         "python -m pytest tests/label/test_shipped_vlm.py                # the shipped folder reproduces the numbers",
         "```",
         "",
-        f"Model revision (as `load_model` reports it): `{res['revision']}`. Evaluation took {res['eval_seconds'] / 60:.1f} min.",
+        f"Model revision (as `load_model` reports it): `{res['revision']}`. "
+        f"Evaluation took {res['eval_seconds'] / 60:.1f} min.",
         "",
     ]
     return L

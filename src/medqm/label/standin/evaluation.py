@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medqm._fs import atomic_path, file_sha256
+from medqm._fs import file_sha256, write_json
 from medqm.io import read_image
 
 from .data import Data, read_pixels
@@ -131,7 +131,8 @@ def reaction_check(dm, enc: Encoder, data: Data, per_modality: int, levels=(1, 2
               flush=True)
     n_react = sum(r["reacts"] for r in out.values())
     return {"types": out, "clean_mean_nll": clean, "n_images": len(images), "image_ids": [im[0] for im in images],
-            "fraction_reacting": n_react / len(out), "not_reacting": sorted(k for k, r in out.items() if not r["reacts"]),
+            "fraction_reacting": n_react / len(out),
+            "not_reacting": sorted(k for k, r in out.items() if not r["reacts"]),
             "per_modality": per_modality, "levels": list(levels), "seconds": time.perf_counter() - t0}
 
 
@@ -151,7 +152,7 @@ def _heldout_accuracy(dm, enc: Encoder, pixels: dict, val_items: list, data: Dat
     acc = accuracy_table(val_items, scores)
     for t_, row in acc.items():  # mean recall over the answers: a constant answer scores 1 / (number of answers)
         hits = defaultdict(list)
-        for it, sc in zip(val_items, scores):
+        for it, sc in zip(val_items, scores, strict=True):
             if it.answer_type == t_:
                 hits[it.answer].append(sc["correct"])
         row["balanced_accuracy"] = float(np.mean([np.mean(h) for h in hits.values()]))
@@ -261,8 +262,7 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
         "missed": missed, "balanced_targets": list(BALANCED),
         "accuracy": sub_acc, "items": sub_rows,
     }
-    with atomic_path(model_dir / "eval_subset.json") as tmp:  # UTF-8 as is (ensure_ascii=False)
-        tmp.write_text(json.dumps(subset_doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(subset_doc, model_dir / "eval_subset.json", indent=1, ensure_ascii=False)
     return {"accuracy": acc, "accuracy_by_source": {f"{k[0]}|{k[1]}": v for k, v in acc_src.items()},
             "accuracy_by_modality": {f"{k[0]}|{k[1]}": v for k, v in acc_mod.items()},
             "subset_accuracy": sub_acc, "n_subset": len(sub_rows), "reaction": reaction, "consistency_gap": gap,

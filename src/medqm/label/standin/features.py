@@ -67,12 +67,12 @@ class Encoder:
         """(input ids (B, S), attention mask (B, S), answer-position mask (B, S)), right-padded."""
         import torch
 
-        seqs = [self.prompt_ids[q] + self.answer_ids[(q, a)] for q, a in zip(questions, answers)]
+        seqs = [self.prompt_ids[q] + self.answer_ids[(q, a)] for q, a in zip(questions, answers, strict=True)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(seqs), width), dtype=torch.long)
         scored = torch.zeros((len(seqs), width), dtype=torch.bool)  # positions holding an answer token
-        for b, (s, q) in enumerate(zip(seqs, questions)):
+        for b, (s, q) in enumerate(zip(seqs, questions, strict=True)):
             ids[b, :len(s)] = torch.tensor(s)
             attn[b, :len(s)] = 1
             scored[b, len(self.prompt_ids[q]):len(s)] = True
@@ -202,9 +202,9 @@ def closed_set(model, enc: Encoder, bank: FeatureBank, items) -> list[dict]:
     flat = [(i, c) for i, it in enumerate(items) for c in it.choices]
     nll = val_nll(model, enc, bank, [items[i] for i, _ in flat], [c for _, c in flat])
     out = [{"nll": {}} for _ in items]
-    for (i, c), v in zip(flat, nll):
+    for (i, c), v in zip(flat, nll, strict=True):
         out[i]["nll"][c] = float(v)
-    for it, rec in zip(items, out):
+    for it, rec in zip(items, out, strict=True):
         pred = min(it.choices, key=lambda c: (rec["nll"][c], it.choices.index(c)))
         rec.update(prediction=pred, correct=pred == it.answer, answer_nll=rec["nll"][it.answer])
     return out

@@ -46,8 +46,8 @@ DEMO_VLM_ARCH: dict[str, Any] = {
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
-# The llava-hf/llava-1.5 chat template, as `medqm.label.chat_templates` holds it: images first, then the text; the assistant's
-# answer is followed by a space and the model ends it with EOS (</s>), which `HFDiagnosticModel` scores.
+# The llava-hf/llava-1.5 chat template, as `medqm.label.chat_templates` holds it: images first, then the text; the
+# assistant's answer is followed by a space and the model ends it with EOS (</s>), which `HFDiagnosticModel` scores.
 CHAT_TEMPLATE = CHAT_TEMPLATES["llava"]
 
 

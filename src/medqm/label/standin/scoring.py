@@ -42,9 +42,9 @@ def closed_set_scores(model: HFDiagnosticModel, items: Sequence[VQAItem], images
             owner.append(i)
     nll = model.answer_nll(flat_img, flat_q, flat_a) if flat_a else np.zeros(0)
     out = [{"nll": {}} for _ in items]
-    for i, a, v in zip(owner, flat_a, nll):
+    for i, a, v in zip(owner, flat_a, nll, strict=True):
         out[i]["nll"][a] = float(v)
-    for it, rec in zip(items, out):
+    for it, rec in zip(items, out, strict=True):
         scores = rec["nll"]
         pred = min(it.choices, key=lambda c: (scores[c], it.choices.index(c)))
         rec.update(prediction=pred, correct=pred == it.answer, answer_nll=scores[it.answer])
@@ -54,7 +54,7 @@ def closed_set_scores(model: HFDiagnosticModel, items: Sequence[VQAItem], images
 def accuracy_table(items: Sequence[VQAItem], scores: Sequence[dict], *, by: str | None = None) -> dict:
     """``{answer_type: {"n", "correct", "accuracy"}}`` (or ``{(answer_type, item.meta[by] / modality): ...}``)."""
     table: dict[Any, dict[str, float]] = {}
-    for it, s in zip(items, scores):
+    for it, s in zip(items, scores, strict=True):
         key = it.answer_type if by is None else (it.answer_type, it.modality if by == "modality" else it.meta.get(by))
         row = table.setdefault(key, {"n": 0, "correct": 0})
         row["n"] += 1

@@ -162,8 +162,9 @@ class _Stepper:
         idx = self.rng.choice(len(prep.train_items), size=cfg.batch_size, p=self.probs)
         view = self.rng.integers(0, cfg.views, size=cfg.batch_size)
         items = [prep.train_items[i] for i in idx]
-        keys = [(it.image, int(v)) for it, v in zip(items, view)]
-        answers = [bank.quadrant[k] if it.answer_type == "lesion_quadrant" else it.answer for it, k in zip(items, keys)]
+        keys = [(it.image, int(v)) for it, v in zip(items, view, strict=True)]
+        answers = [bank.quadrant[k] if it.answer_type == "lesion_quadrant" else it.answer
+                   for it, k in zip(items, keys, strict=True)]
         ids, attn, scored = prep.enc.tokens([it.question for it in items], answers)
         feats = bank.get(keys)
         if cfg.token_dropout:
