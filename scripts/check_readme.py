@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,20 +63,25 @@ def run_block(cmds: list[str], root: Path, timeout: float) -> subprocess.Complet
     env["PATH"] = f"{root / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(root / ".venv")
     script = "set -e\n" + "\n".join(cmds) + "\n"
-    proc = subprocess.Popen(["bash", "-c", script], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return subprocess.CompletedProcess(proc.args, 124, out)
-    finally:
-        try:  # background jobs of the block (a server) end with it
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+    # output to a file, not a pipe: a background job of the block (the quality gate) keeps its stdout open, and
+    # reading a pipe to its end would wait for that job instead of for the block
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = 124
+        finally:
+            try:  # background jobs of the block (a server) end with it
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        log.seek(0)
+        out = log.read()
+    return subprocess.CompletedProcess(proc.args, code, out)
 
 
 def main(argv: list[str] | None = None) -> int:
