@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,31 @@ def print_error(console, message, hint: str = "") -> None:
 
     console.print(f"[red]error:[/red] {escape(str(message))}" + (f"\n{escape(hint)}" if hint else ""),
                   highlight=False)
+
+
+@contextmanager
+def stage_bars(console, *, prefix: str = "", transient: bool = True, eta: bool = True):
+    """A rich progress display with one bar per stage; yields ``progress(stage, done, total)`` for the library."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn() if eta else TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=transient) as bar:
+        tasks = {}
+
+        def progress(stage, done, total):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{prefix}{stage}", total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield progress
 
 
 def parse_window(window: Optional[str]):

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console, print_error, read_settings
+from medqm.cli._common import get_console, print_error, read_settings, stage_bars
 
 
 def demo(
@@ -21,7 +21,6 @@ def demo(
                                                       "refs_per_case, plan, epochs, n_boot…) over the preset."),
 ):
     """The whole pipeline, offline: distort → label (MedQM-D) → train MedQM-I and baselines → evaluate → report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     console = get_console()
@@ -34,15 +33,7 @@ def demo(
                          if v is not None})
         cfg = demo_config("quick" if quick else "full", **settings)
         console.print(f"medqm demo ({cfg.preset}) → {out}", highlight=False)
-        columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as bar:
-            tasks = {}
-
-            def progress(what, done, total):
-                if what not in tasks:
-                    tasks[what] = bar.add_task(what, total=total)
-                bar.update(tasks[what], completed=done, total=total)
-
+        with stage_bars(console, transient=False, eta=False) as progress:
             result = run_demo(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
     except (DemoError, ValueError, FileNotFoundError, ImportError) as e:
         print_error(console, e)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console, print_error
+from medqm.cli._common import get_console, print_error, stage_bars
 
 
 def evaluate(
@@ -34,7 +34,6 @@ def evaluate(
                                   "distortion type and level too."),
 ):
     """Evaluate MedQM-I against classical (NIQE, BRISQUE, PIQE, …) and deep BIQA on the same held-out images."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     console = get_console()
@@ -49,15 +48,7 @@ def evaluate(
                          split_file=str(split) if split else None, max_images=max_images, n_boot=n_boot, seed=seed,
                          workers=workers, batch_size=batch_size, device=device, runtime=runtime, num_threads=threads,
                          gallery=gallery, group_ci=group_ci)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            tasks = {}
-
-            def progress(stage, done, total):
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(f"score {stage}", total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
+        with stage_bars(console, prefix="score ") as progress:
             result = run_evaluation(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
     except (ValueError, FileNotFoundError, ImportError, SplitLeakageError) as e:
         print_error(console, e)

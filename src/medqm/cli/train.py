@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console, print_error, read_settings
+from medqm.cli._common import get_console, print_error, read_settings, stage_bars
 
 
 def train(
@@ -37,7 +37,6 @@ def train(
     """Train MedQM-I on a label set; prints per-epoch metrics and the held-out-case SRCC."""
     import dataclasses
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = get_console()
     try:
@@ -70,15 +69,7 @@ def train(
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
         cfg = TrainConfig(labels=str(labels), out=str(out),
                           **{k: v for k, v in settings.items() if k not in ("labels", "out")})
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            tasks = {}
-
-            def progress(stage, done, total):
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
+        with stage_bars(console) as progress:
             result = run_train(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print_error(console, e)

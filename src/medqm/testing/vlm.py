@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medqm.label.bpe import train_bpe_tokenizer
 from medqm.label.chat_templates import CHAT_TEMPLATES
 
 __all__ = ["TINY_FAMILIES", "build_tiny_vlm"]
@@ -70,18 +71,9 @@ def _corpus() -> list[str]:
 
 
 def _train_tokenizer(family: str, real_vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = _SPECIAL_TOKENS[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=real_vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok = train_bpe_tokenizer(_corpus(), real_vocab, _SPECIAL_TOKENS[family])
     template = CHAT_TEMPLATES[family]
     if family == "llava":
         return PreTrainedTokenizerFast(

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medqm.label.bpe import train_bpe_tokenizer
 from medqm.label.chat_templates import CHAT_TEMPLATES
 from medqm.label.hf import save_quietly
 
@@ -70,18 +71,10 @@ def tokenizer_corpus(items: Sequence[VQAItem]) -> list[str]:
 
 
 def _train_tokenizer(corpus: Sequence[str], vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     # repeated so that every word's merges clear BPE's frequency ties the same way on every run
-    tok.train_from_iterator(list(corpus) * 4, trainer=trainer)
+    tok = train_bpe_tokenizer(list(corpus) * 4, vocab, SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         add_bos_token=True, chat_template=CHAT_TEMPLATE, extra_special_tokens={"image_token": "<image>"},
