@@ -1,6 +1,6 @@
 """The `medqm` command line: thin callers of the stages' public functions.
 
-One module per command group (info, data, distort, label, train, score, serve, evaluate, demo); this module
+One module per command group (info, data, distort, label, train, score, serve, gate, evaluate, demo); this module
 assembles them into the Typer ``app`` (the ``medqm`` entry point, ``medqm.cli:app``). Heavy imports happen
 inside the commands so `medqm --help` is instant.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from medqm import __version__
-from medqm.cli import data, demo, distort, evaluate, info, label, score, serve, train
+from medqm.cli import data, demo, distort, evaluate, gate, info, label, score, serve, train
 
 app = typer.Typer(
     name="medqm",
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data.data_app, name="data")
+app.add_typer(gate.gate_app, name="gate")
 
 
 def _version(value: bool):
