@@ -47,6 +47,22 @@ def test_report_files_exist_and_the_console_shows_the_headline(report):
     assert "Label ceiling" in output and "distortion oracle" in output
 
 
+def test_report_compares_quality_gates(report):
+    """The fixture's labels have D = 0 (no answer ever lost): every method's risk–coverage curve is flat at 0, and
+    with 4 test cases conformal risk control attains α = 0.4 in half-case splits (2 cases: (0 + 1) / 3 ≤ 0.4)
+    while Learn then Test (Hoeffding–Bentkus at δ / 19 on ≤ 2 cases) attains nothing."""
+    out, _ = report
+    g = json.loads((out / "metrics.json").read_text())["gate"]
+    assert g["n_cases"] == 4 and g["reference"] == "MedQM-I" and set(g["curves"]) == {"MedQM-I", "plain",
+                                                                                        *list_baselines()}
+    assert all(max(c["risk"]) == 0 for c in g["curves"].values())
+    assert g["methods"]["ltt"]["alpha"] is None and g["methods"]["crc"]["alpha"] == 0.4
+    assert g["methods"]["crc"]["by_method"]["MedQM-I"]["validity"]["n_splits"] == 200
+    md = (out / "report.md").read_text()
+    assert "## Quality gate: Conformal risk control" in md and "too few cases for this guarantee" in md
+    assert (out / "figures" / "risk_coverage.png").is_file()
+
+
 def test_metrics_json_structure(report):
     out, _ = report
     m = json.loads((out / "metrics.json").read_text())

@@ -22,7 +22,7 @@ import numpy as np
 from medqm._fs import atomic_path
 from medqm.io import MedQMReadError, read_image
 
-TEST_COLUMNS = ("path", "quality", "case_id", "modality", "type", "level", "ref_id", "dist_id")
+TEST_COLUMNS = ("path", "quality", "case_id", "modality", "type", "level", "ref_id", "dist_id", "diag_loss")
 Progress = Callable[[str, int, int], None]
 
 

@@ -400,6 +400,63 @@ def gate_from_labels(labels: str | Path, model: str | Path | None = None, *, alp
                           loss_cap=loss_cap, by_modality=by_modality, min_cases=min_cases, provenance=provenance)
 
 
+
+def quantile_grid(scores, levels: Sequence[float] = tuple(np.linspace(0.05, 0.95, 19))) -> list[float]:
+    """Candidate thresholds at quantiles of a method's scores (scores only, never losses), for scores on any
+    scale: at the same level, every method passes about the same share of images."""
+    return sorted({float(v) for v in np.quantile(np.asarray(scores, dtype=np.float64), levels)})
+
+
+def compare_gates(scores: dict[str, np.ndarray], diag_loss, cases, *, reference: str,
+                  risk: str = "lost-answer-rate", alphas: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
+                  delta: float = 0.1, loss_cap: float = DEFAULT_LOSS_CAP, n_splits: int = 200, n_boot: int = 1000,
+                  seed: int = 0) -> dict[str, Any]:
+    """Gates of several quality scores (higher = better) on the same labelled images, for a report.
+
+    For each method: its risk–coverage curve; then, for each calibration method (ltt, crc), at the smallest
+    α of ``alphas`` that ``reference`` attains in at least half of the validity check's splits (calibration on
+    half the cases), every method's threshold calibrated on all these images, its pass
+    rate with a case-bootstrap 95 % interval, and the validity check over ``n_splits`` case splits. Candidate
+    thresholds are each method's score quantiles. Images any method failed to score are left out.
+    """
+    d = np.asarray(diag_loss, dtype=np.float64)
+    cases = np.asarray([str(c) for c in cases])
+    ok = np.isfinite(d) & np.all([np.isfinite(np.asarray(v, dtype=np.float64)) for v in scores.values()], axis=0)
+    sc = {k: np.asarray(v, dtype=np.float64)[ok] for k, v in scores.items()}
+    d, cases = d[ok], cases[ok]
+    ids, inv = np.unique(cases, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    boot = [np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids)) for _ in range(n_boot)]
+    out: dict[str, Any] = {"risk": risk, "delta": delta, "loss_cap": loss_cap if risk == "mean-loss" else None,
+                           "n_images": int(len(d)), "n_cases": int(len(ids)), "reference": reference,
+                           "curves": {k: risk_coverage(v, d, risk=risk, loss_cap=loss_cap) for k, v in sc.items()},
+                           "methods": {}}
+    grids = {k: quantile_grid(v) for k, v in sc.items()}
+    for method in METHODS:
+        # the smallest α the reference attains in at least half of the validity splits (half the cases each)
+        alpha = next((a for a in alphas if 2 * validity_check(
+            sc[reference], d, cases, alpha=a, delta=delta, risk=risk, method=method, loss_cap=loss_cap,
+            grid=grids[reference], n_splits=n_splits, seed=seed)["attained"] >= n_splits), None)
+        entry: dict[str, Any] = {"alpha": alpha, "alphas_tried": list(alphas), "by_method": {}}
+        if alpha is not None:
+            for name, v in sc.items():
+                g = calibrate(v, d, cases, alpha=alpha, delta=delta, risk=risk, method=method, loss_cap=loss_cap,
+                              grid=grids[name])
+                rates = []
+                if g.attained:
+                    a, b, _ = case_curves(v, image_losses(d, risk, loss_cap), cases, [g.pass_min])
+                    rates = [float(np.average(b[:, 0], weights=w)) for w in boot if w.sum() > 0]
+                v_check = validity_check(v, d, cases, alpha=alpha, delta=delta, risk=risk, method=method,
+                                         loss_cap=loss_cap, grid=grids[name], n_splits=n_splits, seed=seed)
+                entry["by_method"][name] = {
+                    "pass_min": g.pass_min, "pass_rate": g.pass_rate, "calibration_risk": g.calibration_risk,
+                    "pass_rate_ci": [float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))]
+                    if rates else None, "validity": v_check}
+        out["methods"][method] = entry
+    return out
+
+
 __all__ = ["DEFAULT_LOSS_CAP", "GATE_FORMAT", "METHODS", "QUALITY_GRID", "RISKS", "Gate", "GateThreshold",
-           "calibrate", "calibrate_gate", "case_curves", "hoeffding_bentkus_pvalue", "image_losses", "loss_bound",
-           "gate_from_labels", "realised_risk", "risk_coverage", "validity_check"]
+           "calibrate", "calibrate_gate", "case_curves", "compare_gates", "gate_from_labels",
+           "hoeffding_bentkus_pvalue", "image_losses", "loss_bound", "quantile_grid", "realised_risk",
+           "risk_coverage", "validity_check"]

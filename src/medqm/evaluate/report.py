@@ -327,6 +327,67 @@ def _significance_text(metrics: dict) -> str:
             "and is optimistic when images cluster in cases.")
 
 
+GATE_HEADER = ["method", "kind", "pass at score ≥", "pass rate [95% CI]", "calibration risk",
+               "held-out risk (mean)", "splits over α"]
+
+
+def gate_sections(metrics: dict) -> list[tuple[str, str, list[list[str]]]]:
+    """(title, sentence, table rows) for each calibration method of the gate comparison; empty without one."""
+    g = metrics.get("gate")
+    if not g:
+        return []
+    kinds = {n: m["kind"] for n, m in metrics["methods"].items()}
+    what = ("share of passed images whose correct answer became less than half as likely" if g["risk"] ==
+            "lost-answer-rate" else "mean diagnostic loss of passed images (nats, capped)")
+    out = []
+    for method, e in g["methods"].items():
+        title = ("Learn then Test (with probability ≥ 1 − δ, among passed images)" if method == "ltt"
+                 else "Conformal risk control (in expectation, per submitted image)")
+        if e["alpha"] is None:
+            out.append((title, f"{display(g['reference'])} attains none of α = "
+                        f"{', '.join(f'{a:g}' for a in e['alphas_tried'])} in half of the case splits "
+                        f"({g['n_cases']} cases): too few cases for this guarantee.", []))
+            continue
+        rows = []
+        for n in ordered_methods(metrics):
+            r = e["by_method"].get(n)
+            if r is None:
+                continue
+            v = r["validity"]
+            over = f"{v['violation_rate']:.1%} of {v['attained']}" if v["attained"] else "never attained"
+            rows.append([display(n), kinds.get(n, ""), _f(r["pass_min"]) if r["pass_min"] is not None else "none",
+                         _ci(r["pass_rate"], r["pass_rate_ci"]) if r["pass_rate_ci"] else "0",
+                         _f(r["calibration_risk"]), _f(v["mean_heldout_risk"]), over])
+        delta = f", δ = {g['delta']:g}" if method == "ltt" else ""
+        n_splits = next(iter(e["by_method"].values()))["validity"]["n_splits"]
+        out.append((title, f"Risk: {what}; α = {e['alpha']:g}{delta} (the smallest α that "
+                    f"{display(g['reference'])} attains in at least half of {n_splits} "
+                    f"random case splits). Thresholds calibrated on all {g['n_images']} test images of "
+                    f"{g['n_cases']} cases; the last two columns calibrate on half of the cases and measure the "
+                    "other half. A better quality model passes more images under the same guarantee.", rows))
+    return out
+
+
+def fig_risk_coverage(metrics: dict) -> bytes | None:
+    g = metrics.get("gate")
+    if not g:
+        return None
+    fig = _figure(6.5, 4.0)
+    ax = fig.add_subplot()
+    kinds = {n: m["kind"] for n, m in metrics["methods"].items()}
+    for n in ordered_methods(metrics):
+        c = g["curves"].get(n)
+        if c is None:
+            continue
+        ax.plot(c["coverage"], c["risk"], label=display(n), color=KIND_COLOUR.get(kinds.get(n), "#777"),
+                lw=2.2 if kinds.get(n) == "main" else 1.0, alpha=1.0 if kinds.get(n) == "main" else 0.7)
+    ax.set_xlabel("fraction of images passed (highest scores first)")
+    ax.set_ylabel("risk among passed images")
+    ax.set_title(f"risk–coverage ({g['risk']}, {g['n_images']} test images)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
     main = metrics["significance"]["reference"]
     lines = [f"# MedQM evaluation: {main} vs classical and deep BIQA", ""]
@@ -340,6 +401,8 @@ def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
     lines += [f"- {t}" for t in metrics["alignment"]["text"]]
     h, r = group_table(metrics, "by_modality")
     lines += ["", "## Per modality (SRCC)", "", _md_table(h, r), ""]
+    for title, text, rows in gate_sections(metrics):
+        lines += [f"## Quality gate: {title}", "", text, ""] + ([_md_table(GATE_HEADER, rows), ""] if rows else [])
     if figures:
         lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
     lines += ["The full report, with per-type and per-level tables and the heatmap gallery, is `report.html`; every "
@@ -407,6 +470,12 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
                   "<p class='note'>“vs label”: SRCC with the labels within the type. “vs level”: SRCC with the "
                   "distortion level (−1 = the score falls steadily with severity).</p>",
                   "<div class='scroll'>" + _html_table(header, rows) + "</div>"]
+    gates = gate_sections(metrics)
+    if gates:
+        s += ["<h2>Quality gate with a guarantee</h2>", img("risk_coverage", "risk against coverage")]
+        for title, text, rows in gates:
+            s += [f"<h3>{html.escape(title)}</h3>", f"<p class='note'>{html.escape(text)}</p>"]
+            s += [_html_table(GATE_HEADER, rows)] if rows else []
     s += ["<h2>Quality vs severity</h2>", img("severity", "quality vs severity per distortion type"),
           "<h2>Predicted vs label</h2>", img("scatter", "predicted vs label"),
           "<h2>Per modality (all methods, SRCC)</h2>",
@@ -444,9 +513,9 @@ def write_report(metrics: dict, rows, methods, out: Path, *, gallery: list[dict]
     figdir.mkdir(parents=True, exist_ok=True)
     pngs = {"srcc": fig_srcc_bars(metrics), "scatter": fig_scatter(metrics, rows, methods),
             "labels": fig_labels(rows, all_labels)}
-    sev = fig_severity(metrics)
-    if sev is not None:
-        pngs["severity"] = sev
+    for key, fig in (("severity", fig_severity(metrics)), ("risk_coverage", fig_risk_coverage(metrics))):
+        if fig is not None:
+            pngs[key] = fig
     files: dict[str, Path] = {}
     for k, b in pngs.items():
         files[f"figures/{k}.png"] = figdir / f"{k}.png"

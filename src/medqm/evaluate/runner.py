@@ -63,6 +63,8 @@ class EvalConfig:
         batch_size, device, runtime, num_threads: MedQM-I scoring (see `medqm.model.Scorer`).
         gallery: number of heatmap examples in the report.
         group_ci: also bootstrap the SRCC of each modality / distortion type / level.
+        gate_risk: the risk of the quality-gate comparison (`medqm.evaluate.gate`): lost-answer-rate or
+            mean-loss; gate_splits: its validity check's random case splits (0: no gate comparison).
     """
 
     labels: str
@@ -83,6 +85,8 @@ class EvalConfig:
     num_threads: int | None = None
     gallery: int = 8
     group_ci: bool = True
+    gate_risk: str = "lost-answer-rate"
+    gate_splits: int = 200
 
     def __post_init__(self):
         if self.n_boot < 10:
@@ -95,6 +99,12 @@ class EvalConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.gallery < 0:
             raise ValueError(f"gallery must be >= 0, got {self.gallery}")
+        from .gate import RISKS
+
+        if self.gate_risk not in RISKS:
+            raise ValueError(f"gate_risk must be one of {RISKS}, got {self.gate_risk!r}")
+        if self.gate_splits < 0:
+            raise ValueError(f"gate_splits must be >= 0, got {self.gate_splits}")
         names = list(self.baselines) if self.baselines is not None else list_baselines()
         unknown = sorted(set(names) - set(list_baselines()))
         if unknown:
@@ -410,7 +420,14 @@ def evaluate(cfg: EvalConfig, *, log: Say | None = print, progress: Progress | N
     say(f"metrics and {cfg.n_boot} case-bootstrap replicates in {timing['metrics']:.1f} s")
 
     t = time.perf_counter()
+    gate = _gate_comparison(cfg, methods, test.rows)
+    timing["gate"] = time.perf_counter() - t
+    if gate:
+        say(f"quality-gate comparison ({cfg.gate_splits} case splits) in {timing['gate']:.1f} s")
+
+    t = time.perf_counter()
     metrics = _assemble(cfg, table, test, compare, methods, per, sig, alignment, reliability, curves, timing)
+    metrics["gate"] = gate
     gallery = heatmap_gallery(cfg.model, test.rows, n=cfg.gallery, device=cfg.device, runtime=cfg.runtime,
                               num_threads=cfg.num_threads) if cfg.gallery else []
     all_labels = table["quality"].dropna().to_numpy(dtype=np.float64)
@@ -495,6 +512,18 @@ def _measure(cfg: EvalConfig, methods: list[Method], table, rows, split_file):
     reliability["text"] = describe_reliability(reliability, cfg.name, per[cfg.name]["overall"].get("srcc"))
     curves = _severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
     return per, sig, alignment, reliability, curves
+
+
+def _gate_comparison(cfg: EvalConfig, methods: list[Method], rows) -> dict[str, Any] | None:
+    """Every method's quality gate on the test images (`medqm.evaluate.gate.compare_gates`); None without
+    diagnostic losses in the labels or with fewer than 4 test cases."""
+    from .gate import compare_gates
+
+    d = rows["diag_loss"].to_numpy(dtype=np.float64) if "diag_loss" in rows else None
+    if d is None or not np.isfinite(d).any() or rows["case_id"].nunique() < 4 or not cfg.gate_splits:
+        return None
+    return compare_gates({m.name: m.aligned for m in methods}, d, rows["case_id"].to_numpy(), reference=cfg.name,
+                         risk=cfg.gate_risk, n_splits=cfg.gate_splits, n_boot=cfg.n_boot, seed=cfg.seed)
 
 
 def _significance(cfg: EvalConfig, methods: list[Method], per: dict[str, dict], y: np.ndarray,
