@@ -74,3 +74,28 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
             + chunk(b"IEND", b""))
+
+
+# --------------------------------------------------------------------------------------------------- gate files
+
+
+def gate_threshold(pass_min: float | None, *, n_cases: int = 40, method: str = "ltt", alpha: float = 0.1,
+                   delta: float = 0.1, risk: str = "lost-answer-rate"):
+    """A calibrated threshold as `medqm.evaluate.gate.calibrate` would record it (numbers made up, consistent)."""
+    from medqm.evaluate.gate import GateThreshold
+
+    return GateThreshold(pass_min=pass_min, method=method, risk=risk, alpha=alpha,
+                         delta=delta if method == "ltt" else None, n_cases=n_cases, n_images=3 * n_cases,
+                         calibration_risk=0.05 if pass_min is not None else None,
+                         pass_rate=0.7 if pass_min is not None else 0.0, grid=[0.05, 0.5, 0.95])
+
+
+def write_gate(path: Path, default, by_modality=None, fallbacks=None, **kw) -> Path:
+    """A gate file with these thresholds (`medqm.evaluate.gate.Gate.save`)."""
+    from medqm.evaluate.gate import Gate
+
+    gate = Gate(risk=default.risk, method=default.method, alpha=default.alpha, delta=default.delta, loss_cap=None,
+                default=default, by_modality=dict(by_modality or {}), fallbacks=dict(fallbacks or {}),
+                provenance={"labels": "synthetic", **kw})
+    gate.save(path)
+    return path

@@ -24,17 +24,29 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (ap
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
+    """One Playwright driver and browser for the module (the sync API cannot run two drivers at once)."""
     with playwright_api.sync_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
-            pg = browser.new_page()
-            pg.set_default_timeout(30_000)
-            pg.goto(server.url + "/")
-            yield pg
+            yield b
         finally:
-            browser.close()
+            b.close()
+
+
+def _open(browser, url: str):
+    pg = browser.new_page()
+    pg.set_default_timeout(30_000)
+    pg.goto(url + "/")
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    pg = _open(browser, server.url)
+    yield pg
+    pg.close()
 
 
 def test_page_shows_the_model_card(page):
@@ -77,3 +89,34 @@ def test_an_unsupported_file_shows_the_reason(page, tmp_path):
     page.set_input_files("#file", str(bad))
     playwright_api.expect(page.locator("#error")).to_contain_text("415")
     playwright_api.expect(page.locator("#error")).to_contain_text("notes.txt: unrecognised file format")
+
+
+@pytest.fixture(scope="module")
+def gated_page(checkpoint, browser, tmp_path_factory):
+    """The page of a service with a calibrated gate: CT has its own threshold (0, so it passes)."""
+    from serve_helpers import LiveServer, gate_threshold, make_config, write_gate
+
+    from medqm.serve import create_app
+
+    path = write_gate(tmp_path_factory.mktemp("gate") / "gate.json", gate_threshold(None),
+                      by_modality={"CT": gate_threshold(0.0)})
+    with LiveServer(create_app(make_config(checkpoint, gate=path))) as server:
+        pg = _open(browser, server.url)
+        yield pg
+        pg.close()
+
+
+def test_the_guarantee_is_shown_next_to_the_verdict(gated_page):
+    page = gated_page
+    playwright_api.expect(page.locator("#model")).to_contain_text("calibrated gate: nothing passes (CT: pass ≥ 0)")
+    playwright_api.expect(page.locator("#gate")).to_contain_text("lost-answer-rate ≤ α = 0.1")
+    page.fill("#modality", "CT")
+    page.set_input_files("#file", str(DEMO_PNG))
+    card = page.locator(".result").first
+    playwright_api.expect(card.locator(".guarantee")).to_contain_text("CT threshold, pass ≥ 0: with probability")
+    assert card.locator(".verdict").inner_text().lower() == "pass"
+    page.fill("#modality", "MR")
+    page.set_input_files("#file", str(DEMO_PNG))
+    card = page.locator(".result").first  # the newest card comes first
+    playwright_api.expect(card.locator(".guarantee")).to_contain_text("overall threshold, nothing passes: no threshold")
+    assert card.locator(".verdict").inner_text().lower() in ("review", "reject")

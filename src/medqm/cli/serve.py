@@ -16,6 +16,9 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON settings (thresholds, per-modality thresholds, limits, "
                                           "batching, CORS; see docs/serve.md); the options below override it."),
+    gate: Optional[Path] = typer.Option(None, help="Calibrated gate file (medqm gate calibrate): the pass thresholds, "
+                                        "with their guarantee, come from it; not with --pass-min or "
+                                        "modality_thresholds (review_min stays)."),
     runtime: Optional[str] = typer.Option(None, help="auto (default), torch or onnx."),
     device: Optional[str] = typer.Option(None, help="cpu (default), cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the model."),
@@ -40,7 +43,7 @@ def serve(
         from medqm.serve import load_config, run
 
         cfg = load_config(config, {
-            "model": model, "runtime": runtime, "device": device, "num_threads": threads,
+            "gate": gate, "model": model, "runtime": runtime, "device": device, "num_threads": threads,
             "thresholds": {"pass_min": pass_min, "review_min": review_min},
             "batching": {"enabled": batching, "window_ms": batch_window_ms, "max_batch": max_batch,
                          "max_queue": max_queue},
@@ -50,5 +53,19 @@ def serve(
         })
         run(cfg, host=host, port=port, log_level=log_level)
     except (ValueError, FileNotFoundError, ImportError) as e:  # pydantic's ValidationError is a ValueError
-        print_error(console, e)
+        print_error(console, _settings_error(e))
         raise typer.Exit(code=2) from e
+
+
+def _settings_error(e: Exception) -> str:
+    """A pydantic ValidationError as 'invalid settings: where: what' lines (no input dumps); others as they are."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "invalid settings: " + "; ".join(lines)

@@ -305,10 +305,15 @@ class Gate:
             keep = {k: x[k] for k in GateThreshold.__dataclass_fields__ if k in x}
             return GateThreshold(**keep)
 
-        return cls(risk=d["risk"], method=d["method"], alpha=d["alpha"], delta=d.get("delta"),
-                   loss_cap=d.get("loss_cap"), default=thr(d["default"]),
-                   by_modality={k: thr(v) for k, v in d.get("by_modality", {}).items()},
-                   fallbacks=d.get("fallbacks", {}), provenance=d.get("provenance", {}))
+        try:
+            return cls(risk=d["risk"], method=d["method"], alpha=d["alpha"], delta=d.get("delta"),
+                       loss_cap=d.get("loss_cap"), default=thr(d["default"]),
+                       by_modality={k: thr(v) for k, v in d.get("by_modality", {}).items()},
+                       fallbacks=d.get("fallbacks", {}), provenance=d.get("provenance", {}))
+        except KeyError as e:
+            raise ValueError(f"{path}: not a valid MedQM gate file (missing {e.args[0]!r})") from e
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid MedQM gate file ({e})") from e
 
 
 def calibrate_gate(scores, diag_loss, cases, modalities, *, alpha: float, delta: float = 0.1,

@@ -12,8 +12,19 @@ require("serve", "medqm serve (medqm.serve)")
 
 from ._app import SCORE_PATH, GateError, create_app, run  # noqa: E402
 from ._batching import MicroBatcher, QueueFull, Scored  # noqa: E402
-from ._config import Batching, Limits, ServeConfig, Thresholds, load_config  # noqa: E402
-from ._schemas import DiagnosticLoss, ErrorResponse, Health, ImageResult, ImageTiming, ModelCard, ScoreResponse  # noqa: E402
+from ._config import Batching, GateRule, Limits, ServeConfig, Thresholds, load_config, load_gate  # noqa: E402
+from ._schemas import (  # noqa: E402
+    DiagnosticLoss,
+    ErrorResponse,
+    GateCard,
+    GateThresholdCard,
+    Guarantee,
+    Health,
+    ImageResult,
+    ImageTiming,
+    ModelCard,
+    ScoreResponse,
+)
 
 __all__ = [
     "create_app",
@@ -23,6 +34,8 @@ __all__ = [
     "Limits",
     "Batching",
     "load_config",
+    "load_gate",
+    "GateRule",
     "MicroBatcher",
     "QueueFull",
     "Scored",
@@ -33,6 +46,9 @@ __all__ = [
     "ImageTiming",
     "DiagnosticLoss",
     "ModelCard",
+    "GateCard",
+    "GateThresholdCard",
+    "Guarantee",
     "Health",
     "ErrorResponse",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import logging
 import math
@@ -29,8 +30,19 @@ from medqm.model import Scorer, checkpoint_info
 from medqm.model.scoring import heatmap_overlay
 
 from ._batching import MicroBatcher, QueueFull, Scored
-from ._config import ServeConfig
-from ._schemas import DiagnosticLoss, ErrorResponse, Health, ImageResult, ImageTiming, ModelCard, ScoreResponse
+from ._config import GateRule, ServeConfig
+from ._schemas import (
+    DiagnosticLoss,
+    ErrorResponse,
+    GateCard,
+    GateThresholdCard,
+    Guarantee,
+    Health,
+    ImageResult,
+    ImageTiming,
+    ModelCard,
+    ScoreResponse,
+)
 
 log = logging.getLogger("medqm.serve")
 
@@ -77,11 +89,13 @@ class _Gate:
         b = cfg.batching
         self.batcher = MicroBatcher(self.scorer, enabled=b.enabled, window_ms=b.window_ms, max_batch=b.max_batch,
                                     max_queue=b.max_queue)
+        self.gate_card = _gate_card(cfg)
         self.started = time.time()
 
     def health(self) -> Health:
         return Health(model_id=self.model_id, uptime_s=round(time.time() - self.started, 3),
-                      queued=self.batcher.queue_depth, queue_capacity=self.batcher.max_queue)
+                      queued=self.batcher.queue_depth, queue_capacity=self.batcher.max_queue,
+                      gate_loaded=self.gate_card is not None)
 
     def overloaded(self, full: QueueFull) -> GateError:
         """The 503 for a full queue, with its ``Retry-After``."""
@@ -110,9 +124,11 @@ class _Gate:
         for (name, img, read_ms), s in zip(images, scored, strict=True):
             q = float(s.score.quality)
             th = self.cfg.thresholds_for(img.modality)
+            rule = self.cfg.gate_rule(img.modality)
             out.append(ImageResult(
                 file=name, index=img.index, modality=img.modality, height=img.shape[0], width=img.shape[1],
                 channels=3 if img.is_color else 1, quality=q, verdict=th.verdict(q), thresholds=th,
+                guarantee=_guarantee(rule, img.modality) if rule is not None else None,
                 diagnostic_loss=self.loss(q), expert=s.score.expert,
                 timing=ImageTiming(read_ms=read_ms, queue_ms=s.queue_ms, inference_ms=s.inference_ms,
                                    batch_size=s.batch_size),
@@ -130,6 +146,7 @@ class _Gate:
             heatmaps=self.scorer.heatmaps_available, config=self.meta.get("config", {}), trained_on=self.trained_on,
             quality_map=self.quality_map.to_dict(), thresholds=cfg.thresholds,
             modality_thresholds=cfg.modality_thresholds, limits=cfg.limits, batching=cfg.batching,
+            gate=self.gate_card,
         )
 
     def loss(self, quality: float) -> DiagnosticLoss:
@@ -143,6 +160,41 @@ class _Gate:
         else:
             text = "the correct answer is as likely as on a clean image"
         return DiagnosticLoss(nats=d, likelihood_ratio=n, summary=text)
+
+
+def _gate_card(cfg: ServeConfig) -> GateCard | None:
+    """What `/v1/model` says about the loaded gate file (None without one)."""
+    gate = cfg.loaded_gate
+    if gate is None:
+        return None
+
+    def one(t) -> GateThresholdCard:
+        return GateThresholdCard(pass_min=t.pass_min, attained=t.attained, pass_rate=t.pass_rate,
+                                 calibration_risk=t.calibration_risk, n_cases=t.n_cases, n_images=t.n_images,
+                                 guarantee=t.guarantee())
+
+    return GateCard(
+        file=str(cfg.gate), sha256=hashlib.sha256(Path(cfg.gate).read_bytes()).hexdigest(), risk=gate.risk,
+        method=gate.method, alpha=gate.alpha, delta=gate.delta, loss_cap=gate.loss_cap, default=one(gate.default),
+        by_modality={k: one(v) for k, v in sorted(gate.by_modality.items())}, fallbacks=dict(gate.fallbacks),
+        provenance=dict(gate.provenance),
+    )
+
+
+def _guarantee(rule: GateRule, modality: str | None) -> Guarantee:
+    """The gate threshold one verdict used and its promise (`ImageResult.guarantee`)."""
+    t = rule.threshold
+    if rule.key == "default":
+        scope = ("all images the gate sees together, in the calibration set's mix of modalities; it does not hold "
+                 "for one modality alone")
+    elif modality == rule.key:
+        scope = f"{rule.key} images: this threshold was calibrated on {rule.key} cases alone"
+    else:
+        scope = (f"{rule.key} images: this threshold was calibrated on {rule.key} cases; {modality} images are "
+                 f"covered only as far as they are like those")
+    return Guarantee(threshold=rule.key, pass_min=t.pass_min, risk=t.risk, method=t.method, alpha=t.alpha,
+                     delta=t.delta, pass_rate=t.pass_rate, n_cases=t.n_cases, statement=t.guarantee(), scope=scope,
+                     fallback=rule.fallback)
 
 
 def _times(n: float) -> str:

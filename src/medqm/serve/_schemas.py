@@ -24,6 +24,23 @@ class ImageTiming(BaseModel):
     batch_size: int = Field(description="images in that forward pass")
 
 
+class Guarantee(BaseModel):
+    """The calibrated gate's threshold a verdict used, and what it promises (only when a gate file is loaded)."""
+
+    threshold: str = Field(description="'default' (the overall threshold) or the modality whose own threshold "
+                           "applied (its family's: XR for CR, DX, XA, RF)")
+    pass_min: float | None = Field(description="the gate's pass threshold; null: no threshold is safe, nothing passes")
+    risk: str = Field(description="lost-answer-rate or mean-loss, on the labelling MLLM's MedQM-D loss")
+    method: str = Field(description="ltt (Learn then Test, with probability 1 − δ) or crc (conformal, in expectation)")
+    alpha: float
+    delta: float | None
+    pass_rate: float = Field(description="fraction of the calibration images this threshold passed (case-weighted)")
+    n_cases: int = Field(description="calibration cases behind this threshold")
+    statement: str = Field(description="the guarantee in one sentence, or why there is none")
+    scope: str = Field(description="which images the statement is about")
+    fallback: str | None = Field(None, description="why this modality uses the overall threshold, when it does")
+
+
 class ImageResult(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -35,7 +52,10 @@ class ImageResult(BaseModel):
     channels: int
     quality: float = Field(description="MedQM-I quality in [0, 1]; higher is better")
     verdict: Verdict
-    thresholds: Thresholds = Field(description="the thresholds the verdict used (per modality when configured)")
+    thresholds: Thresholds = Field(description="the thresholds the verdict used (per modality when configured; "
+                                   "pass_min from the gate when one is loaded)")
+    guarantee: Guarantee | None = Field(None, description="with a calibrated gate: the threshold applied and its "
+                                        "guarantee; null without one")
     diagnostic_loss: DiagnosticLoss
     expert: int = Field(description="the mixture-of-experts head's dominant expert")
     timing: ImageTiming
@@ -49,6 +69,35 @@ class ScoreResponse(BaseModel):
     model_id: str
     results: list[ImageResult]
     total_ms: float = Field(description="server time from the first byte of the request to the answer")
+
+
+class GateThresholdCard(BaseModel):
+    """One calibrated threshold of the gate file, as `/v1/model` shows it."""
+
+    pass_min: float | None = Field(description="null: no threshold is safe, nothing passes")
+    attained: bool
+    pass_rate: float = Field(description="expected pass rate: the calibration images it passed (case-weighted)")
+    calibration_risk: float | None = Field(description="on the calibration cases, the risk the method controls "
+                                           "(ltt: among passed images, per case; crc: per submitted image)")
+    n_cases: int
+    n_images: int
+    guarantee: str = Field(description="what it promises, in one sentence")
+
+
+class GateCard(BaseModel):
+    """The calibrated gate file the service uses (`medqm gate calibrate`, docs/serve.md)."""
+
+    file: str
+    sha256: str = Field(description="of the gate file, for audit logs")
+    risk: str
+    method: str
+    alpha: float
+    delta: float | None
+    loss_cap: float | None
+    default: GateThresholdCard = Field(description="the overall threshold: for modalities without their own")
+    by_modality: dict[str, GateThresholdCard] = Field(description="per-modality thresholds, keyed by modality")
+    fallbacks: dict[str, str] = Field(description="modality → why it uses the overall threshold")
+    provenance: dict[str, Any] = Field(description="labels, labelling model, checkpoint, calibration cases")
 
 
 class ModelCard(BaseModel):
@@ -66,10 +115,12 @@ class ModelCard(BaseModel):
     config: dict[str, Any]
     trained_on: dict[str, Any] | None
     quality_map: dict[str, Any]
-    thresholds: Thresholds
+    thresholds: Thresholds = Field(description="configured thresholds; with a gate, pass_min is null (the gate "
+                                   "sets it) and review_min applies, lowered to the gate's pass_min when above it")
     modality_thresholds: dict[str, Thresholds]
     limits: Limits
     batching: Batching
+    gate: GateCard | None = Field(None, description="the calibrated gate, when one is loaded")
 
 
 class Health(BaseModel):
@@ -80,6 +131,7 @@ class Health(BaseModel):
     uptime_s: float
     queued: int = Field(description="images waiting for the model")
     queue_capacity: int = Field(description="most images that may wait (batching.max_queue); beyond, 503")
+    gate_loaded: bool = Field(False, description="a calibrated gate file sets the pass thresholds")
 
 
 class ErrorResponse(BaseModel):
