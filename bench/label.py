@@ -12,6 +12,15 @@ Prints one JSON line:
   processes' peaks. ``max_abs_nll_diff`` is the largest difference between the two variants' NLLs (≈ 0).
 
     python bench/label.py [--samples 64] [--threads 1]
+
+``--definitions OUT`` instead compares the MedQM-D label definitions (docs/medqm-d.md, "Choosing the label
+definition"): one reference image per case of the bundled collection (``--cases``, spread over the
+modalities), distorted by three generic types at levels 1, 3, 5, labelled with the shipped stand-in VLM
+under nll, kl T=1 and kl T=3, each with 1 and ``--views`` views, through `run_labels` (every triple is
+scored once and shared by the six label sets, so the figures equal those of six `medqm label` runs up to
+float32 rounding). Prints one JSON line per label set with its ``reliability.json`` figures.
+
+    python bench/label.py --definitions runs/definitions [--cases 8] [--views 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -119,8 +128,77 @@ def _run_child(model_dir: Path, variant: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+DEFINITIONS = {"nll": {"loss": "nll"}, "kl-T1": {"loss": "kl", "temperature": 1.0},
+               "kl-T3": {"loss": "kl", "temperature": 3.0}}
+DEFINITION_PLAN = {"name": "definitions", "types": ["gaussian_noise", "gaussian_blur", "jpeg"], "levels": [1, 3, 5],
+                   "seeds": 1}
+
+
+def _definitions(out: Path, cases: int, views: int, batch_size: int) -> None:
+    """The reliability figures of each label definition on one small distorted subset of the demo collection."""
+    from medqm.cli.label import default_model
+    from medqm.distort.plan import Plan, run_plan
+    from medqm.io.collection import default_collection, load_manifest
+    from medqm.label.hf import load_model
+    from medqm.label.runner import LocalScorer, run_labels
+    from medqm.label.tasks import demo_questions
+
+    out.mkdir(parents=True, exist_ok=True)
+    df = load_manifest(default_collection()).sort_values("id")
+    first = df.groupby("case_id", sort=True).head(1)  # one reference image per case
+    order = first.assign(k=first.groupby("modality").cumcount()).sort_values(["k", "modality", "case_id"])
+    sub = order.head(cases).drop(columns=["k"])
+    sub = sub.assign(path=[str(Path(a).resolve()) for a in sub.abs_path]).drop(columns=["abs_path"])
+    (out / "collection").mkdir(exist_ok=True)
+    sub.to_csv(out / "collection" / "manifest.csv", index=False)
+    run_plan(out / "collection", Plan(**DEFINITION_PLAN), out / "distorted", workers=1)
+    items = demo_questions(default_collection())
+    model = load_model(str(default_model()), batch_size=batch_size)
+    base, memo = LocalScorer(model, chunk=32), {}
+    timing = {"scored": 0, "seconds": 0.0}
+    store = out / "scores.jsonl"  # every score, appended as it is made: a rerun continues where one stopped
+    if store.is_file():
+        for line in store.read_text().splitlines():
+            *key, v = json.loads(line)
+            memo[tuple(key)] = v
+
+    def scorer(triples, errors):  # each distinct (image, view, question, answer) scored once for all sets
+        todo = [t[1:] for t in triples if t[1:] not in memo]
+        t0 = time.perf_counter()
+        kept, nll = base([("memo", *t) for t in dict.fromkeys(todo)], errors)
+        timing["seconds"] += time.perf_counter() - t0
+        timing["scored"] += len(kept)
+        if todo:
+            print(f"scored {timing['scored']} triples in {timing['seconds']:.0f} s", file=sys.stderr, flush=True)
+        memo.update((t[1:], v) for t, v in zip(kept, nll, strict=True))
+        with store.open("a") as f:
+            f.writelines(json.dumps([*t[1:], float(v)]) + "\n" for t, v in zip(kept, nll, strict=True))
+        done = [t for t in triples if t[1:] in memo]
+        return done, np.array([memo[t[1:]] for t in done], dtype=np.float64)
+
+    for k in sorted({1, views}, reverse=True):  # the most views first: the others reuse its scores
+        for name in ("kl-T1", "kl-T3", "nll"):
+            s = run_labels(items, model, out / f"{name}-views{k}", distorted=out / "distorted", scorer=scorer,
+                           shard_size=1, views=k, **DEFINITIONS[name])
+            rel = s.reliability or {}
+            mono, oracle = rel.get("severity_monotonicity", {}), rel.get("oracle_loco", {})
+            print(json.dumps({"definition": name, "views": k, "rows": s.rows,
+                              "oracle_loco_srcc": round(oracle.get("srcc", float("nan")), 3),
+                              "oracle_cases": oracle.get("n_cases"),
+                              "monotonicity_mean_rho": round(mono.get("mean_rho", float("nan")), 3),
+                              "series": mono.get("n_series"), "flat_series": mono.get("n_flat"),
+                              "test_retest": {a: round(b, 3) if a != "n_images" else b
+                                              for a, b in (rel.get("test_retest") or {}).items()},
+                              "scored_triples": timing["scored"], "scoring_s": round(timing["seconds"], 1)}),
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--definitions", type=Path, help="compare the label definitions; results under this folder")
+    ap.add_argument("--cases", type=int, default=8, help="--definitions: cases (one reference image each)")
+    ap.add_argument("--views", type=int, default=2, help="--definitions: views of the multi-view label sets")
+    ap.add_argument("--batch-size", type=int, default=8, help="--definitions: stand-in VLM batch size")
     ap.add_argument("--samples", type=int, default=64, help="samples per throughput run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -132,6 +210,12 @@ def main() -> None:
     args = ap.parse_args()
     if args._child:
         _memory_child(args._model_dir, args._child, args.prompt_tokens, args.mem_batch)
+        return
+    if args.definitions:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        _definitions(args.definitions, args.cases, args.views, args.batch_size)
         return
 
     import torch

@@ -86,7 +86,7 @@ def test_matches_full_forward_with_masked_labels(models, family):
     m = models[family]
     imgs = _images(len(QUESTIONS))
     got = m.score(imgs, QUESTIONS, ANSWERS)
-    for i, (img, q, a) in enumerate(zip(imgs, QUESTIONS, ANSWERS)):
+    for i, (img, q, a) in enumerate(zip(imgs, QUESTIONS, ANSWERS, strict=True)):
         ref, n = _reference_nll(m, family, img, q, a)
         assert got.n_tokens[i] == n
         assert abs(got.nll[i] - ref) <= 1e-4, (family, i, got.nll[i], ref)
@@ -106,7 +106,7 @@ def test_batched_equals_one_by_one(models, family, padding_side):
     imgs = _images(5, seed=2)
     qs = QUESTIONS + ["Where is the fracture?"]
     ans = ANSWERS + ["left knee"]
-    one_by_one = np.array([m.answer_nll([i], [q], [a])[0] for i, q, a in zip(imgs, qs, ans)])
+    one_by_one = np.array([m.answer_nll([i], [q], [a])[0] for i, q, a in zip(imgs, qs, ans, strict=True)])
     batched = HFDiagnosticModel(
         m.model, m.processor, model_id=m.model_id, revision=m.revision, batch_size=3, padding_side=padding_side
     )

@@ -223,7 +223,7 @@ def test_lesion_set_layout(lesion_set, manifest):
     demo_cols = list(load_manifest(DEMO).columns.drop("abs_path"))
     assert list(df.columns.drop("abs_path")) == demo_cols + list(LESION_COLUMNS)
     assert len(df) == len(rows) == 3 * sum(SMALL.values())  # per background: one negative, two hybrids
-    counts = Counter(zip(df["modality"], df["lesion"].astype(str)))
+    counts = Counter(zip(df["modality"], df["lesion"].astype(str), strict=True))
     for mod, n in SMALL.items():
         assert counts[(mod, "0")] == n and counts[(mod, "1")] == 2 * n
     for r in df.itertuples():
@@ -253,7 +253,7 @@ def test_lesion_set_is_deterministic(lesion_set, tmp_path):
     # a smaller count gives a prefix of the same rows, pixel for pixel
     prefix = [r for r in first if r["modality"] == "CT"][: 3 * 2] + [r for r in first if r["modality"] == "FUNDUS"][:3]
     assert [r["id"] for r in again] == [r["id"] for r in prefix]
-    for a, b in zip(again, prefix):
+    for a, b in zip(again, prefix, strict=True):
         assert a == b
         assert (tmp_path / a["path"]).read_bytes() == (out / b["path"]).read_bytes()
 

@@ -28,7 +28,8 @@ PLAN = Plan(name="t", types=["gaussian_blur", "gaussian_noise", "jpeg"], levels=
 def _items(refs):
     items = []
     for _, r in refs.iterrows():
-        items.append(VQAItem(r.abs_path, "What imaging modality is this?", r.modality, r.case_id, "modality", r.id, r.modality))
+        items.append(VQAItem(r.abs_path, "What imaging modality is this?", r.modality, r.case_id, "modality", r.id,
+                             r.modality))
         items.append(VQAItem(r.abs_path, "Is there a lesion?", "no", r.case_id, "lesion_present", r.id, r.modality))
     return items
 
@@ -126,19 +127,22 @@ from fakes import FakeDiagnosticModel
 from medqm.label.runner import run_labels
 from medqm.label.tasks import VQAItem
 items = [VQAItem(**d) for d in json.load(open({str(tasks)!r}))]
-run_labels(items, FakeDiagnosticModel(delay=float(sys.argv[2])), sys.argv[1], distorted={str(root / 'dist')!r}, shard_size=1, chunk=4)
+run_labels(items, FakeDiagnosticModel(stall_after=int(sys.argv[2]) or None, stall_marker=sys.argv[3]), sys.argv[1],
+           distorted={str(root / 'dist')!r}, shard_size=1, chunk=4)
 """
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out), "0.05"])
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "shards").glob("shard-*.parquet"))) < 2:
-        time.sleep(0.02)
+    marker = tmp_path / "stalled"
+    # the first run blocks at the start of its 4th model call, after 3 calls' work, and is killed there
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out), "3", str(marker)])
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before reaching the stall point"
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "labels.parquet").exists()
-    subprocess.run([sys.executable, "-c", script, str(out), "0"], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", script, str(out), "0", str(marker)], check=True, timeout=300)
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-c", script, str(ref), "0"], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", script, str(ref), "0", str(marker)], check=True, timeout=300)
     a, b = read_labels(ref), read_labels(out)
     assert len(a) == len(b) and b.dist_id.is_unique
     pd.testing.assert_frame_equal(a.drop(columns=[]), b)

@@ -127,13 +127,13 @@ def test_reproduces_the_cards_subset(dm, subset, subset_doc):
     # relative to max(1, |NLL|): the card's NLLs come from batched vision features (the training script's path,
     # checked against answer_nll to 1e-6 on a probe), the test's from answer_nll's own batches; the convolutions
     # round differently per batch shape, which a wrong answer's NLL of ~15 nats amplifies to ~2e-3
-    for it, rec, s in zip(items, subset_doc["items"], scores):
+    for it, rec, s in zip(items, subset_doc["items"], scores, strict=True):
         for choice, expected in rec["nll"].items():
             worst = max(worst, abs(s["nll"][choice] - expected) / max(1.0, abs(expected)))
         assert s["prediction"] == rec["prediction"], (it.image_id, it.question)
     assert worst <= tol, f"NLLs differ from eval_subset.json by up to {worst:.2e} relative (> {tol})"
     for answer_type in TARGETS:
-        got = [s["correct"] for it, s in zip(items, scores) if it.answer_type == answer_type]
+        got = [s["correct"] for it, s in zip(items, scores, strict=True) if it.answer_type == answer_type]
         assert got, f"no {answer_type} items in the subset"
         assert float(np.mean(got)) == pytest.approx(subset_doc["accuracy"][answer_type])
 

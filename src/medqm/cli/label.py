@@ -7,17 +7,19 @@ from typing import Optional
 
 import typer
 
-from medqm.cli._common import get_console
+from medqm.cli._common import get_console, print_error
 
 
 def label(
     out: Path = typer.Option(..., help="Output folder: labels.parquet, shards/, cache/; rerun to resume."),
     tasks: str = typer.Option("demo", help="Task file (JSONL/CSV of image, question, answer, case_id…) or 'demo' "
                                            "for the bundled collection's diagnostic questions."),
-    model: Optional[str] = typer.Option(None, help="Local HF model folder or hub id (default: the shipped stand-in VLM)."),
+    model: Optional[str] = typer.Option(None,
+                                        help="Local HF model folder or hub id (default: the shipped stand-in VLM)."),
     distorted: Optional[Path] = typer.Option(None, help="A `medqm distort` output folder to label."),
     plan: Optional[str] = typer.Option(None, help="Make the distortions first with this plan (into OUT/distorted)."),
-    collection: Optional[Path] = typer.Option(None, help="Collection for --tasks demo and --plan (default: data/demo)."),
+    collection: Optional[Path] = typer.Option(None,
+                                              help="Collection for --tasks demo and --plan (default: data/demo)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     batch_size: int = typer.Option(8, help="Images per model forward pass."),
@@ -28,6 +30,10 @@ def label(
     shard_size: int = typer.Option(4, help="Reference images per atomic output shard."),
     center: float = typer.Option(0.6931471805599453, help="Quality map: loss (nats) where Q = 0.5 (default ln 2)."),
     scale: float = typer.Option(0.31546487678572877, help="Quality map: sigmoid scale in nats (default ln 2 / ln 9)."),
+    loss: str = typer.Option("nll", help="Label definition: nll (mean NLL increase of the correct answers) or kl "
+                                         "(KL(clean ‖ distorted) over each question's choices; see docs/medqm-d.md)."),
+    temperature: float = typer.Option(1.0, help="--loss kl: softmax temperature of the choice probabilities."),
+    views: int = typer.Option(1, help="Harmless views averaged per label: 1, 2 (+ mirrored) or 4 (+ shifted, both)."),
 ):
     """Label distorted images by the diagnostic loss of a vision-language model (MedQM-D)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -38,10 +44,13 @@ def label(
 
     console = get_console()
     coll = collection or default_collection()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the rich bar below is the one progress display
     try:
+        from medqm._extras import require
+
+        require("label", "medqm label")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the rich bar below is the one progress display
         from medqm.label import runner
         from medqm.label.tasks import demo_questions, read_tasks
 
@@ -82,11 +91,13 @@ def label(
                 rate = (done - first[0]) / max(time.perf_counter() - t0, 1e-9)
                 bar.update(task, completed=done, total=total, rate=f"{rate:.1f} img/s")
 
-            summary = runner.run_labels(items, identity, out, distorted=distorted, quality_map=QualityMap(center, scale),
-                                        shard_size=shard_size, progress=progress, **extra)
+            summary = runner.run_labels(items, identity, out, distorted=distorted,
+                                        quality_map=QualityMap(center, scale),
+                                        shard_size=shard_size, progress=progress, loss=loss,
+                                        temperature=temperature, views=views, **extra)
     except (MedQMReadError, ValueError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(code=2)
+        print_error(console, e)
+        raise typer.Exit(code=2) from e
     console.print(f"{summary.rows} labels in {out / 'labels.parquet'} ({summary.shards} shards, "
                   f"{summary.shards_done_before} already done, {len(summary.errors)} errors)")
     m = summary.monotonicity or {}
@@ -95,9 +106,25 @@ def label(
         console.print(f"severity monotonicity (does the loss grow with the level?): mean ρ {m['mean_rho']:.2f} over "
                       f"{m['n_series']} series" + (f"; per question type {per}" if per else "")
                       + f" ({out / 'reliability.json'})", highlight=False)
+    for line in describe_label_reliability(summary.reliability or {}):
+        console.print(line, highlight=False)
     if summary.errors:
         console.print(f"errors listed in {out / 'errors.csv'}")
         raise typer.Exit(code=1)
+
+
+def describe_label_reliability(rel: dict) -> list[str]:
+    """The leave-one-case-out oracle ceiling and the test–retest Spearman, one line each (when computed)."""
+    lines = []
+    o = rel.get("oracle_loco") or {}
+    if o.get("n_images"):
+        lines.append(f"distortion-oracle ceiling (leave one case out, {o['n_cases']} cases): SRCC {o['srcc']:.3f} "
+                     f"over {o['n_images']} images" + (f" ({o['n_uncovered']} uncovered)" if o["n_uncovered"] else ""))
+    r = rel.get("test_retest") or {}
+    if r.get("n_images"):
+        pairs = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n_images")
+        lines.append(f"test–retest SRCC of D, original view against: {pairs} ({r['n_images']} images)")
+    return lines
 
 
 def default_model() -> Path:

@@ -58,6 +58,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medqm._extras import require
+
+require("label", "the diagnostic-model backend (medqm label, medqm.label.hf)")
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
@@ -288,7 +292,7 @@ class HFDiagnosticModel:
         n_suffix = self._n_auto_suffix if add_special else 0
         real = [torch.nonzero(mask[b]).flatten() for b in range(len(prompts))]
         real = [r[: len(r) - n_suffix] for r in real]  # drop an EOS the tokenizer appends to every text
-        lengths = [len(r) + len(a) for r, a in zip(real, answer_ids)]
+        lengths = [len(r) + len(a) for r, a in zip(real, answer_ids, strict=True)]
         width = max(lengths)
         out: dict[str, Any] = {k: v for k, v in enc.items() if k not in per_token}
         new = {
@@ -296,7 +300,7 @@ class HFDiagnosticModel:
             for k in per_token
         }
         keep = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for b, (r, a) in enumerate(zip(real, answer_ids)):
+        for b, (r, a) in enumerate(zip(real, answer_ids, strict=True)):
             start = 0 if self.padding_side == "right" else width - lengths[b]
             p = len(r)
             for k in per_token:
@@ -355,7 +359,7 @@ class HFDiagnosticModel:
                 raise TypeError(f"questions[{i}] must be a str, got {type(q).__name__}")
         clean = [self._clean_answer(a, i) for i, a in enumerate(answers)]
         pils = [to_pil(im, i) for i, im in enumerate(images)]
-        splits = [self._split(q, a) for q, a in zip(questions, clean)]
+        splits = [self._split(q, a) for q, a in zip(questions, clean, strict=True)]
         # longest first, so that a batch holds similar lengths (image tokens vary with size for some families)
         order = sorted(range(n), key=lambda i: -(len(splits[i][0]) + 4 * len(splits[i][1])))
         nll = np.zeros(n)
@@ -449,7 +453,7 @@ def load_model(
     try:
         from transformers import AutoModelForImageTextToText, AutoProcessor
     except ImportError as err:  # pragma: no cover - transformers is a dependency
-        raise ImportError("the Hugging Face backend needs transformers>=5: pip install 'transformers>=5'") from err
+        raise ImportError("the Hugging Face backend needs transformers>=5: pip install 'medqm[label]'") from err
 
     text = str(name_or_path)
     path = Path(text).expanduser()

@@ -16,6 +16,10 @@ with c = ln 2 and s = ln 2 / ln 9 by default, chosen so the numbers read in like
 
 Equivalently Q = 1 / (1 + 9^(log2(L_ref / L_dist) − 1)). The map is monotone decreasing, bounded, and
 keeps D's sign (D < 0, an answer made *more* likely, gives Q > 0.9). docs/medqm-d.md explains the choice.
+
+The same map serves the ``kl`` label definition (`medqm.label.runner.LabelDefinition`), where D is a mean
+KL divergence of the answer distributions, never negative: Q ≤ 0.9, 0.9 still meaning "unchanged", and
+Q = 0.5 a KL of ln 2 nats per question rather than "half as likely".
 """
 
 from __future__ import annotations

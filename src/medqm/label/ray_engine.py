@@ -49,10 +49,13 @@ class _NLLActor:
         self.model = ModelSpec(**spec).load()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .runner import apply_view
+
         images, keep, reasons = [], [], np.full(len(batch["idx"]), "", dtype=object)
+        views = batch["view"] if "view" in batch else np.zeros(len(batch["idx"]), dtype=int)
         for k, path in enumerate(batch["path"]):
             try:
-                images.append(read_image(str(path)).pixels)
+                images.append(apply_view(read_image(str(path)).pixels, int(views[k])))
                 keep.append(k)
             except MedQMReadError as e:
                 reasons[k] = e.reason
@@ -65,7 +68,7 @@ class _NLLActor:
 
 
 class RayScorer:
-    """Scores (owner, image, question, answer) triples on a Ray actor pool; see the module docstring."""
+    """Scores (owner, image, question, answer[, view]) triples on a Ray actor pool; see the module docstring."""
 
     def __init__(self, spec: ModelSpec, *, workers: int = 2, gpus_per_worker: float = 0.0,
                  address: str | None = None, rows_per_batch: int | None = None):
@@ -89,8 +92,10 @@ class RayScorer:
 
         if not triples:
             return [], np.zeros(0)
-        rows = [{"idx": i, "path": t[1], "question": t[2], "answer": t[3]} for i, t in enumerate(triples)]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // self.rows_per_batch, 4 * self.workers)))
+        rows = [{"idx": i, "path": t[1], "question": t[2], "answer": t[3], "view": t[4] if len(t) > 4 else 0}
+                for i, t in enumerate(triples)]
+        ds = ray.data.from_items(
+            rows, override_num_blocks=max(1, min(len(rows) // self.rows_per_batch, 4 * self.workers)))
         scored = ds.map_batches(
             _NLLActor,
             fn_constructor_kwargs={"spec": asdict(self.spec)},
@@ -101,7 +106,7 @@ class RayScorer:
             num_gpus=self.gpus,
         ).to_pandas().sort_values("idx")
         kept, nll = [], []
-        for idx, value, reason in zip(scored["idx"], scored["nll"], scored["reason"]):
+        for idx, value, reason in zip(scored["idx"], scored["nll"], scored["reason"], strict=True):
             t = triples[int(idx)]
             if reason:
                 errors.append({"dist_id": t[0], "path": t[1], "reason": reason})

@@ -1,9 +1,15 @@
-"""Severity monotonicity of a label set: does the labeller's loss grow with the distortion level?
+"""How reliable is a label set? Three figures, computed by `medqm label` on its output (``reliability.json``).
 
-Within each series (one reference image, one distortion type, its levels), Spearman's correlation between
-the level and the label's loss (−quality): near 1 when the labelling model's loss grows with severity, near 0
-when it reacts erratically, which caps what any blind quality model can learn from the labels. Computed by
-`medqm label` on its output (``reliability.json``) and by `medqm evaluate`.
+- **Severity monotonicity**: within each series (one reference image, one distortion type, its levels),
+  Spearman's correlation between the level and the label's loss (−quality): near 1 when the labelling
+  model's loss grows with severity, near 0 when it reacts erratically, which caps what any blind quality
+  model can learn from the labels. Also computed by `medqm evaluate`.
+- **Distortion-oracle ceiling, leave one case out**: each distorted image's quality predicted by the mean
+  quality of the same (type, level) over the *other* cases; Spearman over all images pooled. What a model
+  that recognises only the degradation could reach, over every case rather than one test split.
+- **Test–retest** (labels made with ``views`` ≥ 2): Spearman between the D of view 0 (the original) and
+  view 1 (mirrored, answers mirrored), and view 0 against views 2 and 3 (shift, both) when present: how much
+  of a label survives a change the image's quality does not see.
 """
 
 from __future__ import annotations
@@ -12,11 +18,8 @@ import json
 from typing import Any
 
 import numpy as np
-from scipy.stats import spearmanr
 
-
-def _srcc(a, b) -> float:
-    return float(spearmanr(a, b)[0])
+from medqm.metrics import srcc
 
 
 def severity_monotonicity(table, *, min_levels: int = 3) -> dict[str, Any]:
@@ -37,7 +40,7 @@ def severity_monotonicity(table, *, min_levels: int = 3) -> dict[str, Any]:
         if np.ptp(q) == 0:
             flat += 1
             continue
-        rhos.append(_srcc(lv, -q))
+        rhos.append(srcc(lv, -q))
     r = np.asarray(rhos, dtype=np.float64)
     out = {"mean_rho": float(r.mean()) if r.size else float("nan"),
            "median_rho": float(np.median(r)) if r.size else float("nan"),
@@ -55,22 +58,96 @@ def _items(v) -> list:
 
 
 def _per_question(t, min_levels: int) -> dict[str, dict[str, float]]:
-    """Mean Spearman(level, NLL_dist − NLL_ref) per answer type, one series per (ref_id, type, question)."""
+    """Mean Spearman(level, per-question loss) per answer type, one series per (ref_id, type, question).
+
+    The per-question loss is NLL_dist − NLL_ref, or the label definition's own term (``loss_items``) for
+    labels made with another definition than nll (``loss`` column)."""
     series: dict[tuple, list[tuple[float, float]]] = {}
     answer: dict[tuple, str] = {}
-    for ref, typ, lv, at, a, b in zip(t["ref_id"], t["type"], t["level"], t["answer_types"],
-                                      t["nll_ref_items"], t["nll_dist_items"]):
+    n = len(t)
+    own = t["loss"].tolist() if "loss" in t and "loss_items" in t else ["nll"] * n
+    terms = t["loss_items"].tolist() if "loss_items" in t else [None] * n
+    for ref, typ, lv, at, a, b, kind_of_loss, term in zip(t["ref_id"], t["type"], t["level"], t["answer_types"],
+                                                         t["nll_ref_items"], t["nll_dist_items"], own, terms,
+                                                         strict=True):
         at, a, b = _items(at), _items(a), _items(b)
         if not (len(at) == len(a) == len(b)):
             continue
-        for i, (kind, x, y) in enumerate(zip(at, a, b)):
+        d = ([float(v) for v in _items(term)] if kind_of_loss == "kl"
+             else [float(y) - float(x) for x, y in zip(a, b, strict=True)])
+        if len(d) != len(at):
+            continue
+        for i, (kind, v) in enumerate(zip(at, d, strict=True)):
             key = (ref, typ, i)
-            series.setdefault(key, []).append((float(lv), float(y) - float(x)))
+            series.setdefault(key, []).append((float(lv), v))
             answer[key] = str(kind)
     by: dict[str, list[float]] = {}
     for key, pts in series.items():
         lv, d = np.array(pts).T
         if len(np.unique(lv)) < min_levels or np.ptp(d) == 0:
             continue
-        by.setdefault(answer[key], []).append(_srcc(lv, d))
+        by.setdefault(answer[key], []).append(srcc(lv, d))
     return {k: {"mean_rho": float(np.mean(v)), "n_series": len(v)} for k, v in sorted(by.items())}
+
+
+def oracle_loco(table, *, label: str = "quality") -> dict[str, Any]:
+    """Distortion-oracle ceiling, leave one case out: Spearman(prediction, label) over all distorted images.
+
+    The prediction for an image of case c is the mean ``label`` of the images with the same (type, level)
+    in every case but c; images whose (type, level) no other case has are not predicted (``n_uncovered``).
+    References (level 0) are left out: their D is 0 by construction. A point value (no bootstrap).
+    """
+    need = [c for c in ("case_id", "type", "level", label) if c not in table]
+    if need:
+        raise ValueError(f"the label table lacks columns {need} (expected a `medqm label` output)")
+    t = table[table[label].notna() & table["level"].fillna(0).astype(int).gt(0)]
+    y = t[label].to_numpy(dtype=np.float64)
+    key = list(zip(t["type"].astype(str), t["level"].astype(int), strict=True))
+    case = t["case_id"].astype(str).tolist()
+    tot: dict[tuple, list[float]] = {}
+    per_case: dict[tuple, list[float]] = {}
+    for k, c, v in zip(key, case, y, strict=True):
+        a = tot.setdefault(k, [0.0, 0])
+        a[0] += v
+        a[1] += 1
+        b = per_case.setdefault((k, c), [0.0, 0])
+        b[0] += v
+        b[1] += 1
+    pred = np.full(len(y), np.nan)
+    for i, (k, c) in enumerate(zip(key, case, strict=True)):
+        s_all, n_all = tot[k]
+        s_c, n_c = per_case[(k, c)]
+        if n_all > n_c:
+            pred[i] = (s_all - s_c) / (n_all - n_c)
+    ok = ~np.isnan(pred)
+    return {"srcc": srcc(pred[ok], y[ok]) if ok.any() else float("nan"), "n_images": int(ok.sum()),
+            "n_uncovered": int((~ok).sum()), "n_cases": len(set(case)), "label": label}
+
+
+def retest_srcc(table) -> dict[str, Any] | None:
+    """Spearman of D between view 0 and each other view over the distorted images; None with one view."""
+    if "view_losses" not in table:
+        return None
+    t = table[table["level"].fillna(0).astype(int).gt(0)]
+    per = [_items(v) for v in t["view_losses"]]
+    k = min((len(v) for v in per), default=0)
+    if k < 2:
+        return None
+    from .runner import VIEWS
+
+    d = np.array([v[:k] for v in per], dtype=np.float64)
+    out: dict[str, Any] = {VIEWS[j]: srcc(d[:, 0], d[:, j]) for j in range(1, k)}
+    out["n_images"] = len(d)
+    return out
+
+
+def label_reliability(table) -> dict[str, Any]:
+    """What ``reliability.json`` holds: severity monotonicity, the leave-one-case-out oracle ceiling and,
+    with several views, the test–retest Spearman of D (view 0 against each other view)."""
+    out: dict[str, Any] = {"severity_monotonicity": severity_monotonicity(table)}
+    if "case_id" in table:
+        out["oracle_loco"] = oracle_loco(table)
+    retest = retest_srcc(table)
+    if retest is not None:
+        out["test_retest"] = retest
+    return out
