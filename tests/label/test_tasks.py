@@ -40,7 +40,8 @@ def items(tmp_path):
     return [
         VQAItem(str(inside), "Is there a lesion?", "yes", "case-1", "lesion_present", "a", "CT", ["yes", "no"]),
         VQAItem(str(outside), "What is abnormal, d'you think?", "a 2 cm nodule, \"spiculated\"", "case 2"),
-        VQAItem(str(inside), "Où est la lésion ?", "upper left", "case-1", "lesion_quadrant", "a", "CT", list(QUADRANTS),
+        VQAItem(str(inside), "Où est la lésion ?", "upper left", "case-1", "lesion_quadrant", "a", "CT",
+                list(QUADRANTS),
                 {"qid": 7, "source": "unit test", "organ": "肺"}),
     ]
 
@@ -149,9 +150,11 @@ def vqa_rad(tmp_path):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(img_dir / name)
     entries = [
         _vqa_rad_entry(1, "synpic54610.jpg", "Are regions of the brain infarcted?", "Yes", "CLOSED", "PRES"),
-        _vqa_rad_entry(2, "synpic54610.jpg", "Is there infarction in the brain?", "yes", "CLOSED", "PRES", phrase="para"),
+        _vqa_rad_entry(2, "synpic54610.jpg", "Is there infarction in the brain?", "yes", "CLOSED", "PRES",
+                       phrase="para"),
         _vqa_rad_entry(3, "synpic29265.jpg", "How was this image taken?", "MRI - DWI", "OPEN", "MODALITY", "CHEST"),
-        _vqa_rad_entry(4, "synpic29265.jpg", "How many lesions are there?", 2, "OPEN", "COUNT", "CHEST", "test_freeform"),
+        _vqa_rad_entry(4, "synpic29265.jpg", "How many lesions are there?", 2, "OPEN", "COUNT", "CHEST",
+                       "test_freeform"),
         _vqa_rad_entry(5, "synpic29265.jpg", "Is the lesion on the left or right?", "Left", "CLOSED", "POS", "CHEST"),
     ]
     path = tmp_path / "VQA_RAD Dataset Public.json"
@@ -222,7 +225,8 @@ def test_read_slake(slake):
     en = read_slake(path, imgs)
     assert [it.meta["qid"] for it in en] == [11934, 11935, 2725, 2726]
     a, b, c, d = en
-    assert (a.answer, a.choices, a.answer_type, a.case_id, a.image_id) == ("yes", ["yes", "no"], "CLOSED", "xmlab102", "102")
+    assert (a.answer, a.choices, a.answer_type, a.case_id, a.image_id) == ("yes", ["yes", "no"], "CLOSED", "xmlab102",
+                                                                           "102")
     assert a.image == str((imgs / "xmlab102" / "source.jpg").resolve())
     assert (b.answer, b.choices) == ("CT", None)
     assert (c.modality, c.case_id, c.answer) == ("XR", "xmlab384", "Coronal Plane")
@@ -254,7 +258,8 @@ def test_demo_counts_per_type(demo_items, manifest):
     assert counts["modality"] == n == 402
     assert counts["body_part"] == int((manifest["body_part"].str.strip() != "").sum()) == 355
     assert counts["plane"] == int(manifest["plane"].str.lower().isin(PLANES).sum()
-                                  + ((manifest["modality"] == "XR") & manifest["plane"].isin(["AP", "PA"])).sum()) == 298
+                                  + ((manifest["modality"] == "XR")
+                                     & manifest["plane"].isin(["AP", "PA"])).sum()) == 298
     known = manifest["lesion"].astype(str).isin(["0", "1"])
     assert counts["lesion_present"] == int(known.sum()) == 239
     assert counts["lesion_quadrant"] == 28
@@ -272,7 +277,7 @@ def test_demo_counts_per_type(demo_items, manifest):
 
 
 def test_demo_lesion_questions_follow_the_lesion_field(demo_items, manifest):
-    lesion = dict(zip(manifest["id"], manifest["lesion"].astype(str)))
+    lesion = dict(zip(manifest["id"], manifest["lesion"].astype(str), strict=True))
     present = {it.image_id: it.answer for it in demo_items if it.answer_type == "lesion_present"}
     assert all(lesion[i] in ("0", "1") for i in present)  # an empty lesion field asks nothing
     assert all(present[i] == ("yes" if lesion[i] == "1" else "no") for i in present)
@@ -288,7 +293,8 @@ def test_demo_quadrants_match_the_mask_centroid(demo_items, manifest):
         m = np.asarray(Image.open(DEMO / r.mask)) > 127
         ys, xs = np.nonzero(m)
         h, w = m.shape
-        expect = ("upper" if ys.mean() < (h - 1) / 2 else "lower") + " " + ("left" if xs.mean() < (w - 1) / 2 else "right")
+        expect = (("upper" if ys.mean() < (h - 1) / 2 else "lower") + " "
+                  + ("left" if xs.mean() < (w - 1) / 2 else "right"))
         assert quads[r.id] == expect, r.id
 
 
