@@ -3,11 +3,17 @@
     python scripts/train_diagnostic_vlm.py              # build the lesion set, train (~30 min on 2 cores), evaluate
     python scripts/train_diagnostic_vlm.py --eval-only  # re-measure the saved model and rewrite MODEL_CARD.md
     python scripts/train_diagnostic_vlm.py --smoke      # < 1 min: every stage on a few images, into --work/smoke
+    python scripts/train_diagnostic_vlm.py --br35h data/br35h --out runs/vlm-v2   # + Br35H's tumour question
 
 Data: the demo collection's diagnostic questions (`medqm.label.tasks.demo_questions`) plus those of a synthetic
 lesion set built from its lesion-free backgrounds (`medqm.synth.make_lesion_set`, cached under ``--work``/lesions,
 deterministic). Cases are split into training and held-out ones per modality (`medqm.label.standin.case_split`);
-a synthetic image keeps its background's case and split.
+a synthetic image keeps its background's case and split. With ``--br35h DIR`` (default: none, the recipe above
+unchanged) the Br35H brain-tumour MR collection is added: modality, body part and plane questions as for the demo
+images, and "Is there a tumour in this brain MR image?" (answer type ``tumour``, yes/no from its ``lesion`` flag)
+instead of the generic lesion question; it is split by its ``case_id`` (near-duplicate clusters) with the same
+case-level split, and the tumour question gets ``--tumour-share`` of the samples (the other types' shares scaled
+down to fill the rest).
 
 Training (`medqm.label.standin.training`): teacher forcing with the loss on the answer tokens and the end-of-turn
 token (``</s>``), the prompt rendered by the model's own chat template exactly as
@@ -20,8 +26,9 @@ compression, ...), so that the loss can react to them. Question types are balanc
 
 Evaluation (`medqm.label.standin.evaluation`, written into MODEL_CARD.md and eval_subset.json in the model folder):
 closed-set accuracy per question type on held-out cases (the most likely answer among the choices, via the
-generic hf backend), and the reaction check: the mean NLL of the correct answers at every distortion level over
-demo images.
+generic hf backend), the expected calibration error over the closed answer sets, with Br35H the tumour question's
+balanced accuracy and AUC on held-out clusters, and the reaction check (``--skip-reaction`` leaves it out): the mean
+NLL of the correct answers at every distortion level over demo images.
 
 Progress goes to the console and to ``--work``/train_log.csv. This script is only the command line: the library
 code is the package `medqm.label.standin`.
@@ -42,12 +49,13 @@ from medqm.label.standin import DEMO_VLM_DIR, folder_size
 from medqm.label.standin.card import write_card
 from medqm.label.standin.data import load_data
 from medqm.label.standin.evaluation import evaluate
-from medqm.label.standin.training import TrainConfig, train
+from medqm.label.standin.training import TrainConfig, train, with_tumour_share
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FOLDER_BYTES = 25 * 2**20
 REACTION_PER_MODALITY = 24
 # --smoke: every stage (lesion set, features, training, evaluation, card) on a few images, in well under a minute
+TUMOUR_SHARE = 0.3
 SMOKE = {"steps": 3, "batch_size": 4, "warmup": 1, "eval_every": 3, "views": 2, "lesion_variants": 1,
          "lesion_per_modality": {"CT": 1, "MR": 1}, "max_images_per_modality": 2}
 
@@ -73,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     ap.add_argument("--reaction-per-modality", type=int, default=REACTION_PER_MODALITY,
                     help="demo images per modality in the distortion-reaction check")
+    ap.add_argument("--br35h", type=Path, default=None,
+                    help="also train on this Br35H collection (data/br35h) with its tumour question")
+    ap.add_argument("--tumour-share", type=float, default=TUMOUR_SHARE,
+                    help="share of the samples given to the tumour question (with --br35h)")
+    ap.add_argument("--skip-reaction", action="store_true", help="leave out the distortion-reaction check")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its card")
     ap.add_argument("--smoke", action="store_true",
                     help="check every stage in < 1 min on a few images (never writes the shipped model)")
@@ -86,6 +99,9 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(cfg, k, v)
+    if args.br35h is not None:
+        cfg.br35h = str(args.br35h)
+        cfg.type_share = with_tumour_share(cfg.type_share, args.tumour_share)
     return cfg
 
 
@@ -97,7 +113,15 @@ def reproduce_command(cfg: TrainConfig, args: argparse.Namespace) -> str:
         for k in ("steps", "batch_size", "lr", "seed", "threads", "views", "lesion_variants", "label_smoothing",
                   "token_dropout")
         if getattr(cfg, k) != getattr(defaults, k))
-    if args.reaction_per_modality != REACTION_PER_MODALITY:
+    if cfg.br35h:
+        command += f" --br35h {cfg.br35h}"
+        if args.tumour_share != TUMOUR_SHARE:
+            command += f" --tumour-share {args.tumour_share}"
+        if args.out is not None and args.out.resolve() != DEMO_VLM_DIR.resolve():
+            command += f" --out {args.out}"
+    if args.skip_reaction:
+        command += " --skip-reaction"
+    elif args.reaction_per_modality != REACTION_PER_MODALITY:
         command += f" --reaction-per-modality {args.reaction_per_modality}"
     return command + (" --smoke" if args.smoke else "")
 
@@ -111,6 +135,8 @@ def main(argv=None) -> int:
         args.work = args.work / "smoke"
         args.out = args.out or args.work / "model"
         args.reaction_per_modality = 1
+    if args.skip_reaction:
+        args.reaction_per_modality = 0
     args.out = args.out or DEMO_VLM_DIR
     cfg = make_config(args)
     args.work.mkdir(parents=True, exist_ok=True)

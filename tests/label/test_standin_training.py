@@ -46,9 +46,10 @@ def test_sampling_weights_give_each_type_its_share_and_balance_lesion_answers():
              + [_item("lesion_present", "no", "CT", 20 + i) for i in range(2)])
     w = sampling_weights(items, {"modality": 0.25, "lesion_present": 0.75})
     assert abs(w.sum() - 1) < 1e-12
-    by_type = {t: sum(wi for wi, it in zip(w, items) if it.answer_type == t) for t in ("modality", "lesion_present")}
+    by_type = {t: sum(wi for wi, it in zip(w, items, strict=True) if it.answer_type == t)
+               for t in ("modality", "lesion_present")}
     assert abs(by_type["modality"] - 0.25) < 1e-12 and abs(by_type["lesion_present"] - 0.75) < 1e-12
-    yes = sum(wi for wi, it in zip(w, items) if it.answer == "yes")
+    yes = sum(wi for wi, it in zip(w, items, strict=True) if it.answer == "yes")
     assert abs(yes - 0.375) < 1e-12  # yes and no share the modality's mass equally despite 8 : 2
     mr = w[9] / w[0]
     assert abs(mr - 3 / 1) < 1e-9  # within modality: each group ∝ sqrt(size): sqrt(1)/1 vs sqrt(9)/9

@@ -364,6 +364,9 @@ QUESTION_TEMPLATES = {
     "view": "Is this an AP or PA view?",  # radiographs; answer_type 'plane'
     "lesion_present": "Is there a lesion in this image?",
     "lesion_quadrant": "In which quadrant of the image is the lesion?",
+    # Br35H brain MR (answer_type 'tumour', choices YES_NO); asked by the stand-in's training on data/br35h only,
+    # never by `demo_questions`
+    "tumour": "Is there a tumour in this brain MR image?",
 }
 MODALITY_WORDS = {
     "CT": "CT",

@@ -3,20 +3,24 @@
 No multimodal LLM's weights can be obtained offline, yet `medqm label` must run on a fresh machine; so MedQM
 ships a small LLaVA-style model trained on CPU on the demo collection's diagnostic questions
 (`medqm.label.tasks.demo_questions`) and on synthetic lesions inserted into its real backgrounds
-(`medqm.synth.make_lesion_set`). It is an ordinary Hugging Face folder — config, safetensors,
-tokenizer, processor and chat template — that `medqm.label.hf.load_model` loads like any real MLLM, through
-``AutoModelForImageTextToText`` / ``AutoProcessor`` with no custom code.
+(`medqm.synth.make_lesion_set`); optionally (``--br35h data/br35h``) also on the Br35H brain-tumour MR collection
+with its tumour question (``QUESTION_TEMPLATES["tumour"]``, answer type ``tumour``), split by near-duplicate
+cluster and measured by balanced accuracy, AUC and expected calibration error on held-out clusters. It is an
+ordinary Hugging Face folder — config, safetensors, tokenizer, processor and chat template — that
+`medqm.label.hf.load_model` loads like any real MLLM, through ``AutoModelForImageTextToText`` /
+``AutoProcessor`` with no custom code.
 
 This package holds all of it; ``scripts/train_diagnostic_vlm.py`` is only its command line:
 
 - `model`: the architecture (`DEMO_VLM_ARCH`, `build_demo_vlm`), its tokenizer, saving in half precision
   (`save_demo_vlm`);
 - `split`: the case-level split (`case_split`);
-- `data`: the training data (demo questions plus a cached synthetic lesion set) and lesion masks;
+- `data`: the training data (demo questions plus a cached synthetic lesion set, optionally Br35H) and lesion masks;
 - `augment`, `features`, `training`: augmentation and sampling, the training-time inputs and frozen-tower
   features, the training loop (`TrainConfig`, `train`);
 - `scoring`, `evaluation`: closed-set scoring through the generic backend (`closed_set_scores`,
-  `accuracy_table`), the held-out evaluation, the subset the shipped-model test re-scores, the reaction check;
+  `accuracy_table`), the held-out evaluation (accuracy, calibration, the tumour question's balanced accuracy and
+  AUC), the subset the shipped-model test re-scores, the reaction check;
 - `card`: the model card, ``MODEL_CARD.md`` in the folder, which states what it was trained on and how well it
   does; it is a stand-in for the pipeline's sake, not a diagnostic tool.
 

@@ -97,7 +97,7 @@ def augment(x, mask, answer, answer_type, rng: np.random.Generator, cfg: TrainCo
     return x, m2, answer
 
 
-def sampling_weights(items, share: dict, balanced: tuple[str, ...] = ("lesion_present",)) -> np.ndarray:
+def sampling_weights(items, share: dict, balanced: tuple[str, ...] = ("lesion_present", "tumour")) -> np.ndarray:
     """Per-item probabilities: each type gets its share; inside a type, (answer, modality) groups ∝ sqrt(size).
 
     For the ``balanced`` types the answers of a modality share its mass equally (the synthetic set has several

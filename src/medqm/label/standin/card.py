@@ -10,7 +10,7 @@ import numpy as np
 from medqm._fs import atomic_path
 
 from .data import Data
-from .evaluation import TARGETS, missed_targets
+from .evaluation import TARGETS, TUMOUR_TARGETS, missed_targets
 from .model import folder_size
 from .training import TYPES, TrainConfig
 
@@ -37,7 +37,8 @@ def _card_head(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict) -> 
     """Title, intended use, loading, architecture and data sections."""
     from medqm.label.tasks import QUESTION_TEMPLATES
 
-    demo, les = data.demo, data.lesions
+    demo, les, br = data.demo, data.lesions, data.br35h
+    n_questions = len({it.answer_type for it in data.items})
     a = summary["arch"]
     params = _param_counts(model_dir)
     size = folder_size(model_dir)
@@ -50,7 +51,8 @@ def _card_head(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict) -> 
         "A small LLaVA-layout vision-language model (ImageNet-pretrained, frozen vision tower; projector and decoder "
         "trained from scratch) on MedQM's demo collection, so that "
         "MedQM-D (`medqm label`) runs offline on a fresh machine. It is the default when `medqm label` gets no "
-        "`--model`. It answers five closed diagnostic questions about the demo images and nothing else; it is a "
+        "`--model`. It answers " f"{_NUMBER.get(n_questions, n_questions)} closed diagnostic questions about "
+        + ("the demo and Br35H images" if br is not None else "the demo images") + " and nothing else; it is a "
         "stand-in that lets the pipeline measure diagnostic loss, **not a diagnostic tool**: it has seen a few dozen "
         "patients and must not be used on real patients or as evidence of any MLLM's behaviour.",
         "",
@@ -101,6 +103,11 @@ def _card_head(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict) -> 
         f"{les['background_id'].nunique()} lesion-free backgrounds (CT, MR, X-ray, fundus); regenerated "
         "deterministically by the training script into its work folder (not shipped). Each hybrid keeps its "
         "background's case and split.",
+        *([f"- **Br35H** (`{cfg.br35h}`, `medqm data build br35h`): {len(br)} axial brain MR images of "
+           f"{br['case_id'].nunique()} cases (near-duplicate clusters), "
+           f"{int((br['lesion'].astype(str).isin(['1', '1.0'])).sum())} with a tumour; the tumour question below, "
+           "plus modality, body part and plane. Not shipped (no licence stated for the images)."]
+          if br is not None else []),
         "",
         "Questions (answer type: question — closed answer set):",
         "",
@@ -108,7 +115,8 @@ def _card_head(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict) -> 
           + ", ".join(sorted({c for it in data.items if it.question == QUESTION_TEMPLATES[k]
                               for c in (it.choices or [])}))
           for t, k in (("modality", "modality"), ("body_part", "body_part"), ("plane", "plane"), ("plane", "view"),
-                       ("lesion_present", "lesion_present"), ("lesion_quadrant", "lesion_quadrant"))],
+                       ("lesion_present", "lesion_present"), ("lesion_quadrant", "lesion_quadrant"),
+                       *((("tumour", "tumour"),) if br is not None else ()))],
         "",
         "Body parts are the manifest's words with 'brain' folded into 'head'; quadrants are image quadrants of the "
         "lesion mask's centroid (not patient anatomy).",
@@ -122,6 +130,9 @@ def _card_head(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict) -> 
         "",
     ]
     return L
+
+
+_NUMBER = {5: "five", 6: "six"}
 
 
 def _card_split(data: Data) -> list[str]:
@@ -145,10 +156,19 @@ def _card_split(data: Data) -> list[str]:
                      int(les[(les["modality"] == mod) & les["case_id"].isin(held)].shape[0]), why])
     L += _table(["modality", "cases", "demo images", "held-out demo images", "held-out synthetic images",
                  "held-out cases"], rows)
+    br = data.br35h
+    if br is not None:
+        held = {c for c in br["case_id"].astype(str).unique() if split[c] == "val"}
+        out = br["case_id"].astype(str).isin(held)
+        pos = br["lesion"].astype(str).isin(["1", "1.0"])
+        L += ["", f"Br35H, split the same way over its near-duplicate clusters: {len(held)} of "
+              f"{br['case_id'].nunique()} clusters held out ({int(out.sum())} of {len(br)} images, "
+              f"{int((out & pos).sum())} with a tumour); training: {int((~out).sum())} images "
+              f"({int((~out & pos).sum())} with a tumour). No cluster is in both parts (asserted)."]
     cnt_tr = Counter(it.answer_type for it in train_items)
     cnt_va = Counter(it.answer_type for it in val_items)
     L += ["", *_table(["answer type", "training items", "held-out items"],
-                      [[t, cnt_tr[t], cnt_va[t]] for t in TYPES]), ""]
+                      [[t, cnt_tr[t], cnt_va[t]] for t in TYPES if t != "tumour" or cnt_tr[t] + cnt_va[t]]), ""]
 
     return L
 
@@ -204,7 +224,8 @@ def _card_training(summary: dict, res: dict, command: str) -> list[str]:
         "## Clean held-out accuracy",
         "",
         "Accuracy = the answer with the lowest `answer_nll` among the item's closed answer set, on held-out cases "
-        "only (demo images and the synthetic images of their backgrounds), unaltered images.",
+        "only (demo images and the synthetic images of their backgrounds"
+        + (", and the images of held-out Br35H clusters" if res.get("tumour") else "") + "), unaltered images.",
         "",
     ]
     return L
@@ -222,12 +243,12 @@ def _card_accuracy(res: dict) -> list[str]:
         tgt = TARGETS.get(t)
         by = [f"{src} {res['accuracy_by_source'][f'{t}|{src}']['accuracy']:.3f} "
               f"(n={res['accuracy_by_source'][f'{t}|{src}']['n']})"
-              for src in ("demo", "lesions") if f"{t}|{src}" in res["accuracy_by_source"]]
+              for src in ("demo", "lesions", "br35h") if f"{t}|{src}" in res["accuracy_by_source"]]
         met = "—" if tgt is None else ("**missed**" if t in missed else "met")
         rows.append([t, f"{acc[t]['accuracy']:.3f}", f"{acc[t]['balanced_accuracy']:.3f}", acc[t]["n"],
                      "; ".join(by), tgt if tgt else "—", met])
-    L += _table(["question type", "accuracy", "balanced accuracy", "items", "by source (demo / synthetic)", "target",
-                 ""], rows)
+    L += _table(["question type", "accuracy", "balanced accuracy", "items",
+                 "by source (demo / synthetic" + (" / Br35H)" if "tumour" in acc else ")"), "target", ""], rows)
     L += ["", "Balanced accuracy is the mean recall over the answers (a model that always gives one answer scores "
           "1 / the number of answers). For the lesion questions a target counts as met only when both accuracy and "
           "balanced accuracy reach it (the synthetic set holds several lesion-positive hybrids per lesion-free "
@@ -241,7 +262,8 @@ def _card_accuracy(res: dict) -> list[str]:
     L += _table(["question type", *mods],
                 [[t, *[(f"{res['accuracy_by_modality'][f'{t}|{m}']['accuracy']:.2f} "
                         f"({res['accuracy_by_modality'][f'{t}|{m}']['n']})"
-                        if f"{t}|{m}" in res["accuracy_by_modality"] else "—") for m in mods]] for t in TYPES])
+                        if f"{t}|{m}" in res["accuracy_by_modality"] else "—") for m in mods]]
+                 for t in TYPES if t != "tumour" or t in acc])
     missed = missed_targets(acc)
     L += [""]
     if missed:
@@ -257,10 +279,76 @@ def _card_accuracy(res: dict) -> list[str]:
     return L
 
 
+def _fmt(v, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _card_tumour(res: dict) -> list[str]:
+    """The tumour question on held-out Br35H clusters (balanced accuracy, AUC, calibration) and the calibration of
+    every question type."""
+    L: list[str] = []
+    tm, calib = res.get("tumour"), res.get("calibration")
+    if tm:
+        ci = tm.get("interval_95", {})
+        boot = tm.get("bootstrap", {})
+
+        def row(name, key, target, better):
+            v = tm[key]
+            lo_hi = f"[{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else "—"
+            met = "—" if target is None else ("met" if tm["met"][key] else "**missed**")
+            return [name, _fmt(v), lo_hi, "—" if target is None else f"{better} {target}", met]
+
+        L += [
+            "## Tumour question (Br35H)",
+            "",
+            f"\"Is there a tumour in this brain MR image?\" on the {tm['n']} held-out Br35H images of "
+            f"{tm['n_cases']} held-out near-duplicate clusters ({tm['n_yes']} tumour, {tm['n_no']} no tumour), "
+            "scored from the saved weights through `medqm.label.hf.load_model` like every figure above. Prediction: "
+            "the likelier of yes/no; p(yes) = softmax of −NLL over the two choices, the score for the AUC. Intervals: "
+            f"95 % percentile bootstrap over the held-out clusters ({boot.get('resamples', 0)} resamples).",
+            "",
+            *_table(["measure", "value", "95 % interval", "target", ""], [
+                row("balanced accuracy", "balanced_accuracy", TUMOUR_TARGETS["balanced_accuracy"], "≥"),
+                row("ROC AUC of p(yes)", "auc", TUMOUR_TARGETS["auc"], "≥"),
+                row("expected calibration error (10 bins)", "ece", TUMOUR_TARGETS["ece"], "≤"),
+                row("accuracy", "accuracy", None, ""),
+                row("recall, tumour", "recall_yes", None, ""),
+                row("recall, no tumour", "recall_no", None, ""),
+            ]),
+            "",
+            "Reliability diagram (predicted probability of the chosen answer, 10 equal-width bins; empty bins "
+            "left out):",
+            "",
+            *_table(["bin", "items", "mean probability", "accuracy"],
+                    [[f"({b['lo']:.1f}, {b['hi']:.1f}]", b["n"], f"{b['confidence']:.3f}", f"{b['accuracy']:.3f}"]
+                     for b in tm["calibration"]["bins"] if b["n"]]),
+            "",
+            "No temperature has been fitted or folded into the LM head: these are the raw likelihoods.",
+            "",
+        ]
+    if calib:
+        L += [
+            "## Calibration",
+            "",
+            "Expected calibration error over each question's closed answer set (the probability of the chosen "
+            "answer: softmax of −NLL over the choices; 10 equal-width bins; ECE = Σ (bin share) × |accuracy − "
+            "mean probability|), held-out items, unaltered images:",
+            "",
+            *_table(["question type", "items", "ECE", "mean probability", "accuracy"],
+                    [[k, v["n"], _fmt(v["ece"]), _fmt(v.get("mean_confidence")), _fmt(v.get("accuracy"))]
+                     for k, v in calib.items() if v["n"]]),
+            "",
+        ]
+    return L
+
+
 def _card_reaction(res: dict, command: str) -> list[str]:
     """Reaction to distortions, limitations, how to reproduce."""
     L: list[str] = []
     r = res["reaction"]
+    if r is None:
+        return ["## Reaction to distortions", "", "Not measured in this run (`--skip-reaction`).", "",
+                *_card_tail(res, command)]
     L += [
         "## Reaction to distortions",
         "",
@@ -279,8 +367,12 @@ def _card_reaction(res: dict, command: str) -> list[str]:
                   f"{v['mean_nll'][r['levels'][-1]] - v['mean_nll'][r['levels'][0]]:+.3f}",
                   "yes" if v["reacts"] else "**no**"]
                  for k, v in sorted(r["types"].items())])
-    L += [
-        "",
+    return L + ["", *_card_tail(res, command)]
+
+
+def _card_tail(res: dict, command: str) -> list[str]:
+    """Limitations and how to reproduce."""
+    return [
         "## Limitations",
         "",
         "- Trained and evaluated on a few dozen cases from open-source test data; held-out accuracy measures "
@@ -307,13 +399,12 @@ def _card_reaction(res: dict, command: str) -> list[str]:
         f"Evaluation took {res['eval_seconds'] / 60:.1f} min.",
         "",
     ]
-    return L
 
 
 def write_card(model_dir: Path, data: Data, cfg: TrainConfig, summary: dict, res: dict, command: str) -> Path:
     """Write ``MODEL_CARD.md`` into ``model_dir`` (atomically) and return its path."""
     L = [*_card_head(model_dir, data, cfg, summary), *_card_split(data), *_card_training(summary, res, command),
-         *_card_accuracy(res), *_card_reaction(res, command)]
+         *_card_accuracy(res), *_card_tumour(res), *_card_reaction(res, command)]
     path = model_dir / "MODEL_CARD.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(L), encoding="utf-8")

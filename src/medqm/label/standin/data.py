@@ -1,4 +1,5 @@
-"""The stand-in's training data: the demo collection's questions plus a cached synthetic lesion set, split by case."""
+"""The stand-in's training data: the demo collection's questions plus a cached synthetic lesion set, split by case;
+optionally the Br35H brain-tumour MR collection with its tumour question, split by near-duplicate cluster."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from medqm._fs import write_json
 from medqm.io import read_image
 from medqm.io.collection import load_manifest
-from medqm.label.tasks import demo_questions
+from medqm.label.tasks import QUESTION_TEMPLATES, YES_NO, VQAItem, demo_questions
 from medqm.synth import spread_order
 
 from .split import case_split
@@ -22,17 +23,18 @@ from .split import case_split
 if TYPE_CHECKING:  # pragma: no cover
     from .training import TrainConfig
 
-__all__ = ["Data", "lesion_masks", "lesion_set", "load_data", "read_pixels"]
+__all__ = ["Data", "br35h_items", "lesion_masks", "lesion_set", "load_data", "read_pixels"]
 
 
 @dataclass
 class Data:
     items: list  # VQAItem
     split: dict  # case_id -> train/val
-    source: dict  # image path -> "demo" / "lesions"
+    source: dict  # image path -> "demo" / "lesions" / "br35h"
     roots: dict  # source -> root folder
     demo: object  # manifest DataFrame
     lesions: object  # manifest DataFrame
+    br35h: object = None  # manifest DataFrame of the Br35H collection, when trained on it
 
 
 def lesion_set(collection: Path, work: Path, cfg: TrainConfig) -> Path:
@@ -53,6 +55,29 @@ def lesion_set(collection: Path, work: Path, cfg: TrainConfig) -> Path:
     return out
 
 
+def br35h_items(root: Path, all_roots: list) -> list:
+    """The Br35H collection's questions: modality, body part and plane as `demo_questions` asks them (choices over
+    ``all_roots``, the collections trained on together), and the tumour question
+    (``QUESTION_TEMPLATES["tumour"]``, answer_type ``tumour``, yes/no from the manifest's ``lesion`` flag) in place
+    of the generic lesion question; an image without a 0/1 flag gets no tumour question."""
+    root = Path(root).resolve()
+    mine = {str(Path(p).resolve()) for p in load_manifest(root)["abs_path"]}
+    base = [it for it in demo_questions([*all_roots, root], lesions=False) if it.image in mine]
+    flags = {str(Path(r["abs_path"]).resolve()): str(r.get("lesion", "")).strip()
+             for r in load_manifest(root).to_dict("records")}
+    out = []
+    for it in base:
+        out.append(it)
+        if it.answer_type != "modality":
+            continue
+        flag = {"1": 1, "1.0": 1, "0": 0, "0.0": 0}.get(flags[it.image])
+        if flag is not None:  # one tumour question per image, after its modality question
+            out.append(VQAItem(image=it.image, question=QUESTION_TEMPLATES["tumour"], answer=YES_NO[1 - flag],
+                               case_id=it.case_id, answer_type="tumour", image_id=it.image_id, modality=it.modality,
+                               choices=list(YES_NO)))
+    return out
+
+
 def load_data(collection: Path, work: Path, cfg: TrainConfig) -> Data:
     les_root = lesion_set(collection, work, cfg)
     demo = load_manifest(collection)
@@ -62,8 +87,21 @@ def load_data(collection: Path, work: Path, cfg: TrainConfig) -> Data:
     if unknown:
         raise RuntimeError(f"lesion-set cases missing from the demo collection: {sorted(unknown)}")
     items = demo_questions([collection, les_root])
+    roots = {"demo": collection, "lesions": les_root}
+    br = None
+    if getattr(cfg, "br35h", None):
+        br_root = Path(cfg.br35h)
+        br = load_manifest(br_root)
+        # the same case-level split, over Br35H's near-duplicate clusters (its case_id)
+        br_split = case_split(br, fraction=cfg.val_fraction, seed=cfg.split_seed)
+        clash = set(br_split) & set(split)
+        if clash:
+            raise RuntimeError(f"Br35H case ids clash with the demo collection's: {sorted(clash)[:5]}")
+        split.update(br_split)
+        items += br35h_items(br_root, [collection, les_root])
+        roots["br35h"] = br_root
     source = {}
-    for root, name in ((collection, "demo"), (les_root, "lesions")):
+    for name, root in roots.items():
         for p in load_manifest(root)["abs_path"]:
             source[str(Path(p).resolve())] = name
     # leak check: a case is in one split only, so is every image of it (demo or synthetic)
@@ -73,14 +111,16 @@ def load_data(collection: Path, work: Path, cfg: TrainConfig) -> Data:
     assert all(len(s) == 1 for s in by_case.values()), "a case in both splits"
     if cfg.max_images_per_modality:
         items = _few_images(items, split, source, cfg.max_images_per_modality)
-    return Data(items, split, source, {"demo": collection, "lesions": les_root}, demo, les)
+    return Data(items, split, source, roots, demo, les, br)
 
 
 def _few_images(items: list, split: dict, source: dict, n: int) -> list:
-    """The items of at most ``n`` images per (source, modality, split), spread over the sorted images (smoke runs)."""
+    """The items of at most ``n`` images per (source, modality, split, tumour answer), spread over the sorted images
+    (smoke runs; the tumour answer keeps both answers of Br35H on each side of the split)."""
+    tumour = {it.image: it.answer for it in items if it.answer_type == "tumour"}
     groups = defaultdict(set)
     for it in items:
-        groups[(source[it.image], it.modality, split[it.case_id])].add(it.image)
+        groups[(source[it.image], it.modality, split[it.case_id], tumour.get(it.image, ""))].add(it.image)
     keep = set()
     for imgs in groups.values():
         imgs = sorted(imgs)

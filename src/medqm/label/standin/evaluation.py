@@ -1,5 +1,6 @@
-"""Evaluating the stand-in: held-out closed-set accuracy, the subset the shipped-model test re-scores
-(``eval_subset.json``), and the reaction of the answer NLL to every distortion type and level."""
+"""Evaluating the stand-in: held-out closed-set accuracy, calibration over the closed answer sets, the tumour
+question's balanced accuracy and AUC (Br35H), the subset the shipped-model test re-scores (``eval_subset.json``), and
+the reaction of the answer NLL to every distortion type and level."""
 
 from __future__ import annotations
 
@@ -23,11 +24,16 @@ __all__ = [
     "SUBSET_PER_TYPE",
     "SUBSET_PREFIX",
     "TARGETS",
+    "TUMOUR_TARGETS",
+    "calibration",
     "check_consistency",
+    "choice_probabilities",
     "choose_subset",
     "evaluate",
     "missed_targets",
     "reaction_check",
+    "roc_auc",
+    "tumour_metrics",
 ]
 
 TARGETS = {"modality": 0.95, "lesion_present": 0.85, "lesion_quadrant": 0.7, "body_part": 0.8}
@@ -42,6 +48,108 @@ SUBSET_PREFIX = {"CT": 12, "MR": 28}  # lesion-set backgrounds the test regenera
 
 
 SUBSET_PER_TYPE = {"modality": 30, "body_part": 30, "plane": 20, "lesion_present": 40, "lesion_quadrant": 30}
+
+# issue 17's targets for the Br35H tumour question on held-out clusters (ECE: at most)
+TUMOUR_TARGETS = {"balanced_accuracy": 0.95, "auc": 0.98, "ece": 0.05}
+ECE_BINS = 10
+
+
+def choice_probabilities(item, score: dict) -> dict[str, float]:
+    """The model's probability of each of the item's choices: softmax of −NLL over the closed answer set."""
+    nll = np.array([score["nll"][c] for c in item.choices], dtype=float)
+    z = -(nll - nll.min())
+    p = np.exp(z) / np.exp(z).sum()
+    return dict(zip(item.choices, p.tolist(), strict=True))
+
+
+def roc_auc(y, s) -> float | None:
+    """Area under the ROC curve of scores ``s`` for binary labels ``y`` (Mann–Whitney, ties counted half);
+    None when one class is missing."""
+    from scipy.stats import rankdata
+
+    y, s = np.asarray(y, dtype=bool), np.asarray(s, dtype=float)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return None
+    r = rankdata(s)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def calibration(items, scores, n_bins: int = ECE_BINS) -> dict:
+    """Expected calibration error over the closed answer sets: per item the predicted probability of the chosen
+    answer (`choice_probabilities` of the prediction) against whether it is right, in ``n_bins`` equal-width bins of
+    that probability; ECE = Σ_b (n_b / N)·|accuracy_b − mean probability_b|. Returns the ECE, N, the mean
+    probability and accuracy, and the bins (the reliability diagram)."""
+    conf = np.array([choice_probabilities(it, sc)[sc["prediction"]] for it, sc in zip(items, scores, strict=True)])
+    hit = np.array([bool(sc["correct"]) for sc in scores], dtype=float)
+    if not len(conf):
+        return {"n": 0, "ece": None, "bins": []}
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)  # (lo, hi], the first bin [0, hi]
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        m = idx == b
+        row = {"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum())}
+        if m.any():
+            row.update(confidence=float(conf[m].mean()), accuracy=float(hit[m].mean()))
+            ece += m.mean() * abs(row["accuracy"] - row["confidence"])
+        bins.append(row)
+    return {"n": len(conf), "ece": float(ece), "mean_confidence": float(conf.mean()), "accuracy": float(hit.mean()),
+            "n_bins": n_bins, "bins": bins}
+
+
+def tumour_metrics(items, scores, *, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """The tumour question on held-out items: balanced accuracy (prediction = the likelier of yes/no), ROC AUC of
+    p(yes) (softmax of −NLL over the two choices), ECE (`calibration`), each with a 95 % interval from a bootstrap
+    over the held-out cases (Br35H's near-duplicate clusters); None when there are no tumour items."""
+    pairs = [(it, sc) for it, sc in zip(items, scores, strict=True) if it.answer_type == "tumour"]
+    if not pairs:
+        return None
+    its = [it for it, _ in pairs]
+    scs = [sc for _, sc in pairs]
+    y = np.array([it.answer == "yes" for it in its])
+    p_yes = np.array([choice_probabilities(it, sc)["yes"] for it, sc in pairs])
+    hit = np.array([bool(sc["correct"]) for sc in scs])
+
+    def bal(m):
+        rec = [hit[m & (y == v)].mean() for v in (True, False) if (m & (y == v)).any()]
+        return float(np.mean(rec))
+
+    everything = np.ones(len(y), bool)
+    cal = calibration(its, scs)
+    out = {"n": len(y), "n_cases": len({it.case_id for it in its}), "n_yes": int(y.sum()), "n_no": int((~y).sum()),
+           "accuracy": float(hit.mean()), "balanced_accuracy": bal(everything),
+           "recall_yes": float(hit[y].mean()) if y.any() else None,
+           "recall_no": float(hit[~y].mean()) if (~y).any() else None,
+           "auc": roc_auc(y, p_yes), "ece": cal["ece"], "calibration": cal,
+           "mean_nll_correct": float(np.mean([sc["answer_nll"] for sc in scs])), "targets": TUMOUR_TARGETS}
+    cases = sorted({it.case_id for it in its})
+    if len(cases) > 1 and n_boot:
+        rng = np.random.default_rng(seed)
+        rows = {c: [] for c in cases}
+        for i, it in enumerate(its):
+            rows[it.case_id].append(i)
+        draws = {"balanced_accuracy": [], "auc": [], "ece": []}
+        for _ in range(n_boot):
+            pick = np.concatenate([rows[cases[k]] for k in rng.integers(0, len(cases), len(cases))])
+            yb = y[pick]
+            if yb.all() or not yb.any():
+                continue
+            rec = [hit[pick][yb == v].mean() for v in (True, False)]
+            draws["balanced_accuracy"].append(float(np.mean(rec)))
+            draws["auc"].append(roc_auc(yb, p_yes[pick]))
+            draws["ece"].append(calibration([its[i] for i in pick], [scs[i] for i in pick])["ece"])
+        out["interval_95"] = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                              for k, v in draws.items() if v}
+        out["bootstrap"] = {"resamples": n_boot, "unit": "held-out case", "seed": seed}
+    met = {"balanced_accuracy": out["balanced_accuracy"] >= TUMOUR_TARGETS["balanced_accuracy"],
+           "auc": out["auc"] is not None and out["auc"] >= TUMOUR_TARGETS["auc"],
+           "ece": out["ece"] is not None and out["ece"] <= TUMOUR_TARGETS["ece"]}
+    out["met"] = met
+    # per item, for a later temperature fit or occlusion check without re-scoring
+    out["items"] = [{"image_id": it.image_id, "case_id": it.case_id, "answer": it.answer, "nll": sc["nll"]}
+                    for it, sc in pairs]
+    return out
 
 
 def check_consistency(dm, enc: Encoder, items, pixels) -> float:
@@ -69,7 +177,7 @@ def choose_subset(data: Data, val_items) -> list:
     out = []
     for t in TYPES:
         cand = sorted((it for it in pool if it.answer_type == t), key=lambda it: (it.image_id, it.question))
-        out += spread(cand, SUBSET_PER_TYPE[t], key=lambda it: (data.source[it.image], it.case_id, it.answer))
+        out += spread(cand, SUBSET_PER_TYPE.get(t, 0), key=lambda it: (data.source[it.image], it.case_id, it.answer))
     return out
 
 
@@ -224,7 +332,8 @@ def _limitation_notes(model_dir: Path, missed: list[str]) -> list[str]:
 def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_modality: int,
              reaction_levels=(1, 2, 3, 4, 5), reaction_types: int | None = None) -> dict:
     """Measure the saved model in ``model_dir`` (through `medqm.label.hf.load_model`), write its
-    ``eval_subset.json`` and return the results the model card reports."""
+    ``eval_subset.json`` and return the results the model card reports. ``reaction_per_modality`` 0 skips the
+    reaction check (its result is then None)."""
     from medqm.label.hf import load_model
 
     t0 = time.perf_counter()
@@ -239,26 +348,50 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
         raise RuntimeError(f"the training path's NLLs differ from answer_nll's by {gap:.2e}")
     t = time.perf_counter()
     scores, acc, acc_src, acc_mod = _heldout_accuracy(dm, enc, pixels, val_items, data)
-    print(f"closed-set scoring of {len(val_items)} held-out items: {time.perf_counter() - t:.0f} s", flush=True)
+    scoring_s = time.perf_counter() - t
+    print(f"closed-set scoring of {len(val_items)} held-out items: {scoring_s:.0f} s", flush=True)
     for k in TYPES:
         if k in acc:
             tgt = TARGETS.get(k)
             print(f"  {k:16s} {acc[k]['accuracy']:.3f} (n={acc[k]['n']}), balanced {acc[k]['balanced_accuracy']:.3f}"
                   + (f"  target {tgt}" if tgt else "") + "  " + ", ".join(
                       f"{a} {v['recall']:.2f}/{v['n']}" for a, v in acc[k]["per_answer"].items()))
+    calib = {"all": calibration(val_items, scores)}
+    for t_ in TYPES:
+        sel = [(it, sc) for it, sc in zip(val_items, scores, strict=True) if it.answer_type == t_]
+        if sel:
+            calib[t_] = calibration([it for it, _ in sel], [sc for _, sc in sel])
+    print("expected calibration error (closed answer sets, 10 bins): "
+          + ", ".join(f"{k} {v['ece']:.3f} (n={v['n']})" for k, v in calib.items() if v["n"]), flush=True)
+    tumour = tumour_metrics(val_items, scores)
+    if tumour:
+        ci = tumour.get("interval_95", {})
+
+        def _ci(k):
+            return f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else ""
+
+        print(f"tumour (held-out Br35H, {tumour['n']} images of {tumour['n_cases']} clusters): balanced accuracy "
+              f"{tumour['balanced_accuracy']:.3f}{_ci('balanced_accuracy')}, AUC "
+              + (f"{tumour['auc']:.4f}" if tumour["auc"] is not None else "n/a") + _ci("auc")
+              + f", ECE {tumour['ece']:.3f}{_ci('ece')}; targets {TUMOUR_TARGETS}", flush=True)
     sub_rows, sub_acc = _subset_rows(data, val_items, scores)
     print("subset accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in sub_acc.items()), flush=True)
-    print(f"reaction check ({reaction_per_modality} demo images per modality at most):", flush=True)
-    reaction = reaction_check(dm, enc, data, reaction_per_modality, levels=tuple(reaction_levels),
-                              max_types=reaction_types)
-    print(f"reacting types: {reaction['fraction_reacting']:.2f}; not reacting: {reaction['not_reacting']}", flush=True)
+    if reaction_per_modality > 0:
+        print(f"reaction check ({reaction_per_modality} demo images per modality at most):", flush=True)
+        reaction = reaction_check(dm, enc, data, reaction_per_modality, levels=tuple(reaction_levels),
+                                  max_types=reaction_types)
+        print(f"reacting types: {reaction['fraction_reacting']:.2f}; not reacting: {reaction['not_reacting']}",
+              flush=True)
+    else:
+        reaction = None
+        print("reaction check skipped", flush=True)
     missed = missed_targets(acc)
     subset_doc = {
         "what": "held-out items the shipped-model test re-scores through medqm.label.hf.load_model",
         "model_revision": dm.revision,
         "lesion_set": {"per_modality": SUBSET_PREFIX, "variants": cfg.lesion_variants, "seed": cfg.lesion_seed},
         "tolerance": 5e-3, "tolerance_kind": "relative to max(1, |NLL|)", "targets": TARGETS,
-        "heldout_accuracy": acc, "reaction_fraction": reaction["fraction_reacting"],
+        "heldout_accuracy": acc, "reaction_fraction": reaction["fraction_reacting"] if reaction else None,
         "missed": missed, "balanced_targets": list(BALANCED),
         "accuracy": sub_acc, "items": sub_rows,
     }
@@ -266,6 +399,7 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
     return {"accuracy": acc, "accuracy_by_source": {f"{k[0]}|{k[1]}": v for k, v in acc_src.items()},
             "accuracy_by_modality": {f"{k[0]}|{k[1]}": v for k, v in acc_mod.items()},
             "subset_accuracy": sub_acc, "n_subset": len(sub_rows), "reaction": reaction, "consistency_gap": gap,
+            "calibration": calib, "tumour": tumour, "scoring_seconds": scoring_s,
             "revision": dm.revision, "eval_seconds": time.perf_counter() - t0,
             "notes": _limitation_notes(model_dir, missed)}
 

@@ -19,9 +19,10 @@ from .features import Encoder, FeatureBank, build_views, closed_set, sequence_nl
 from .model import DEMO_VLM_ARCH, build_demo_vlm, save_demo_vlm, tokenizer_corpus
 from .scoring import accuracy_table, spread
 
-__all__ = ["TYPES", "TrainConfig", "lr_scheduler", "train"]
+__all__ = ["TYPES", "TrainConfig", "lr_scheduler", "train", "with_tumour_share"]
 
-TYPES = ("modality", "body_part", "plane", "lesion_present", "lesion_quadrant")
+# "tumour": Br35H's "Is there a tumour in this brain MR image?", only when trained with a Br35H collection
+TYPES = ("modality", "body_part", "plane", "lesion_present", "lesion_quadrant", "tumour")
 
 
 @dataclass
@@ -65,6 +66,18 @@ class TrainConfig:
     # smoke runs only: keep at most this many images per (source, modality); None keeps all
     max_images_per_modality: int | None = None
     arch: dict = field(default_factory=lambda: dict(DEMO_VLM_ARCH))
+    # the Br35H collection (folder) trained on with its tumour question; None: the demo recipe alone. When given,
+    # ``type_share`` gets a "tumour" share (`with_tumour_share`)
+    br35h: str | None = None
+
+
+def with_tumour_share(share: dict, tumour: float) -> dict:
+    """``share`` with "tumour" at ``tumour`` and the other types scaled to fill the rest (their ratios kept)."""
+    if not 0 < tumour < 1:
+        raise ValueError(f"the tumour share must be in (0, 1), got {tumour}")
+    rest = {k: v for k, v in share.items() if k != "tumour"}
+    total = sum(rest.values())
+    return {**{k: v * (1 - tumour) / total for k, v in rest.items()}, "tumour": tumour}
 
 
 def lr_scheduler(opt, cfg: TrainConfig):
@@ -224,8 +237,11 @@ def train(data: Data, cfg: TrainConfig, work: Path, out_dir: Path) -> dict:
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {n_params / 1e6:.2f} M parameters, {n_trained / 1e6:.2f} M trained", flush=True)
     stepper = _Stepper(prep, cfg)
-    monitor = spread(sorted(prep.val_items, key=lambda it: (it.case_id, it.image_id, it.question)), 400,
+    ordered = sorted(prep.val_items, key=lambda it: (it.case_id, it.image_id, it.question))
+    monitor = spread([it for it in ordered if it.answer_type != "tumour"], 400,
                      key=lambda it: (it.answer_type, it.case_id))
+    # Br35H's many clusters would crowd the tumour question out of the round-robin above: it gets its own 100
+    monitor += spread([it for it in ordered if it.answer_type == "tumour"], 100, key=lambda it: it.case_id)
     model.train()
     model.model.vision_tower.eval()
     t0, cpu0 = time.perf_counter(), time.process_time()
