@@ -35,3 +35,13 @@ class FakeDiagnosticModel:
             detail = np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean()
             out.append(0.3 * len(a) + 2.0 / (0.05 + detail) + 0.01 * (len(q) % 7))
         return np.asarray(out)
+
+
+class Stop(Exception):
+    """Raised by `stop_past_half`: an interruption in the middle of a run."""
+
+
+def stop_past_half(done: int, total: int) -> None:
+    """A `run_labels` progress callback that interrupts the run once more than half of it is done."""
+    if done > total // 2:
+        raise Stop

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fakes import Stop, stop_past_half  # tests/label, on sys.path (pytest prepends the test folder)
 from PIL import Image
 
 from medqm.io import read_image
@@ -265,17 +266,10 @@ def test_resume_after_interrupt_under_kl(blobs, tmp_path):
     full = tmp_path / "full"
     run_labels(items, BlobModel(), full, distorted=dist, shard_size=1, loss="kl", temperature=3.0, views=4)
 
-    class Stop(Exception):
-        pass
-
-    def stop(done, total):
-        if done > total // 2:
-            raise Stop
-
     part = tmp_path / "part"
     with pytest.raises(Stop):
         run_labels(items, BlobModel(), part, distorted=dist, shard_size=1, loss="kl", temperature=3.0, views=4,
-                   progress=stop)
+                   progress=stop_past_half)
     (part / "shards" / "shard-00000.parquet").unlink()  # its reference cache stays and is used
     again = BlobModel()
     summary = run_labels(items, again, part, distorted=dist, shard_size=1, loss="kl", temperature=3.0, views=4)

@@ -20,7 +20,7 @@ from medqm.label.runner import read_labels, run_labels
 from medqm.label.tasks import VQAItem
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fakes import FakeDiagnosticModel
+from fakes import FakeDiagnosticModel, Stop, stop_past_half
 
 PLAN = Plan(name="t", types=["gaussian_blur", "gaussian_noise", "jpeg"], levels=[1, 3, 5], seeds=1)
 
@@ -101,16 +101,9 @@ def test_resume_after_interrupt_gives_identical_rows(setup, tmp_path):
     full = tmp_path / "full"
     run_labels(items, FakeDiagnosticModel(), full, distorted=root / "dist", shard_size=2)
 
-    class Stop(Exception):
-        pass
-
-    def stop(done, total):
-        if done > total // 2:
-            raise Stop
-
     part = tmp_path / "part"
     with pytest.raises(Stop):
-        run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2, progress=stop)
+        run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2, progress=stop_past_half)
     summary = run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2)
     assert summary.shards_done_before > 0
     pd.testing.assert_frame_equal(read_labels(full), read_labels(part))
