@@ -24,6 +24,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def cache_dir(name: str) -> Path:
+    """``$MEDQM_CACHE/<name>``, else ``~/.cache/medqm/<name>``: the one root of MedQM's machine-wide caches."""
+    root = os.environ.get("MEDQM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "medqm") / name
+
+
 def write_parquet(table, path: str | Path) -> Path:
     import pyarrow.parquet as pq
 

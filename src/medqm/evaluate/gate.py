@@ -355,8 +355,7 @@ def gate_from_labels(labels: str | Path, model: str | Path | None = None, *, alp
     images are left out, the others are scored (cached under ``cache_dir``) and calibrate the gate. Images that
     fail to score are left out and counted.
     """
-    import os
-
+    from medqm._fs import cache_dir as default_cache_dir
     from medqm.label import read_labels
     from medqm.model import checkpoint_info, default_checkpoint
 
@@ -384,8 +383,7 @@ def gate_from_labels(labels: str | Path, model: str | Path | None = None, *, alp
                          "labels of other cases")
     say(f"calibration: {len(rows)} images of {rows['case_id'].nunique()} cases "
         f"({table['case_id'].nunique() - rows['case_id'].nunique()} cases left out: the checkpoint trained on them)")
-    root = Path(os.environ.get("MEDQM_CACHE", Path.home() / ".cache" / "medqm"))
-    cache = Path(cache_dir) if cache_dir else root / "scores"
+    cache = Path(cache_dir) if cache_dir else default_cache_dir("scores")
     scored = score_checkpoint(model_dir, rows["path"].tolist(), cache, name="gate", batch_size=batch_size,
                               runtime=runtime)
     ok = scored["quality"].notna().to_numpy()

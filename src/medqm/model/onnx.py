@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medqm._fs import atomic_path, write_json
+from medqm._fs import atomic_path, cache_dir, write_json
 
 ONNX_NAME = "model.onnx"
 OPSET = 18
@@ -47,8 +47,7 @@ def weights_digest(model) -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MEDQM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "medqm") / "onnx"
+    return cache_dir("onnx")
 
 
 def output_names(model) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medqm._fs import atomic_path, write_json
+from medqm._fs import atomic_path, cache_dir, write_json
 from medqm._fs import file_sha256 as file_digest
 from medqm.io import MedQMReadError, read_image
 
@@ -27,8 +27,7 @@ TRAIN_COLUMNS = ("path", "quality", "case_id", "modality", "type", "level", "ref
 
 def default_cache_dir() -> Path:
     """``$MEDQM_CACHE/features``, else ``~/.cache/medqm/features``."""
-    root = os.environ.get("MEDQM_CACHE")
-    return Path(root) / "features" if root else Path.home() / ".cache" / "medqm" / "features"
+    return cache_dir("features")
 
 
 def training_rows(labels, *, drop_missing: bool = True):

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from medqm._fs import file_sha256
+from medqm._fs import cache_dir, file_sha256
 
 REGISTRIES = ("pypi", "pypi-sdist", "npm", "debian")
 
@@ -61,8 +61,7 @@ class Archive:
 
 def default_cache() -> Path:
     """Where archives are kept: ``$MEDQM_CACHE/sources`` or ``~/.cache/medqm/sources``."""
-    root = os.environ.get("MEDQM_CACHE") or Path.home() / ".cache" / "medqm"
-    return Path(root) / "sources"
+    return cache_dir("sources")
 
 
 def _cached(archive: Archive, folder: Path) -> Path | None:
