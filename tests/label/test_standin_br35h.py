@@ -36,7 +36,7 @@ def _fake_br35h(root: Path) -> Path:
             rel = f"images/MR/mr-br35h-{'y' if lesion else 'n'}-{case}-{k}.png"
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / rel)
             rows.append({"id": f"mr-br35h-{case}-{k}", "case_id": case, "modality": "MR", "body_part": "brain",
-                         "plane": "axial", "lesion": lesion, "mask": "", "path": rel})
+                         "plane": "axial", "lesion": lesion, "finding": "tumour", "mask": "", "path": rel})
     with open(root / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -284,6 +284,33 @@ def test_demo_lesion_questions_follow_the_lesion_field(demo_items, manifest):
     assert sum(a == "yes" for a in present.values()) == 30
 
 
+def test_tumour_finding_replaces_the_lesion_questions(tmp_path):
+    """A manifest whose `finding` is 'tumour' gets the tumour question right after modality, no lesion questions;
+    a row without the column keeps the generic ones."""
+    import csv
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for k, (lesion, finding) in enumerate([("1", "tumour"), ("0", "tumour"), ("", "tumour"), ("1", "")]):
+        Image.fromarray(np.full((8, 8), 40 * k, np.uint8)).save(tmp_path / "images" / f"i{k}.png")
+        rows.append({"id": f"i{k}", "case_id": f"c{k}", "modality": "MR", "body_part": "brain", "plane": "axial",
+                     "lesion": lesion, "finding": finding, "mask": "", "path": f"images/i{k}.png"})
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    items = demo_questions(tmp_path)
+    types = {i: [it.answer_type for it in items if it.image_id == i] for i in ("i0", "i1", "i2", "i3")}
+    assert types["i0"] == types["i1"] == ["modality", "tumour", "body_part", "plane"]
+    assert types["i2"] == ["modality", "body_part", "plane"]  # unknown flag: nothing asked
+    assert types["i3"] == ["modality", "body_part", "plane", "lesion_present"]
+    tumour = {it.image_id: it for it in items if it.answer_type == "tumour"}
+    assert tumour["i0"].answer == "yes" and tumour["i1"].answer == "no" and tumour["i0"].choices == ["yes", "no"]
+    assert tumour["i0"].question == QUESTION_TEMPLATES["tumour"]
+    assert [it.answer_type for it in demo_questions(tmp_path, lesions=False) if it.image_id == "i0"] == [
+        "modality", "body_part", "plane"]
+
+
 def test_demo_quadrants_match_the_mask_centroid(demo_items, manifest):
     quads = {it.image_id: it.answer for it in demo_items if it.answer_type == "lesion_quadrant"}
     positive = manifest[(manifest["lesion"].astype(str) == "1") & (manifest["mask"] != "")]

@@ -364,8 +364,8 @@ QUESTION_TEMPLATES = {
     "view": "Is this an AP or PA view?",  # radiographs; answer_type 'plane'
     "lesion_present": "Is there a lesion in this image?",
     "lesion_quadrant": "In which quadrant of the image is the lesion?",
-    # Br35H brain MR (answer_type 'tumour', choices YES_NO); asked by the stand-in's training on data/br35h only,
-    # never by `demo_questions`
+    # images whose manifest `finding` is 'tumour' (Br35H brain MR): answer_type 'tumour', choices YES_NO, asked
+    # instead of the two lesion questions
     "tumour": "Is there a tumour in this brain MR image?",
 }
 MODALITY_WORDS = {
@@ -382,7 +382,7 @@ MODALITY_WORDS = {
 BODY_PART_SYNONYMS = {"brain": "head"}  # an MR of the brain and a CT of the head answer alike
 PLANES = ["axial", "coronal", "sagittal"]
 VIEWS = ["AP", "PA"]
-ANSWER_TYPES = ("modality", "body_part", "plane", "lesion_present", "lesion_quadrant")
+ANSWER_TYPES = ("modality", "body_part", "plane", "lesion_present", "lesion_quadrant", "tumour")
 
 
 def mask_quadrant(mask) -> str | None:
@@ -473,6 +473,9 @@ def demo_questions(collection, *, lesions: bool = True) -> list[VQAItem]:
       unknown: nothing is asked); choices ['yes', 'no'].
     - ``lesion_quadrant``: "In which quadrant of the image is the lesion?" — lesion 1 with a non-empty mask;
       the quadrant (`QUADRANTS`) of the mask's centroid in image coordinates (`image_quadrant`).
+    - ``tumour``: "Is there a tumour in this brain MR image?" — instead of the two lesion questions, right after
+      the modality question, when the manifest's optional ``finding`` column reads ``tumour`` (Br35H) and
+      ``lesion`` is 1 or 0; choices ['yes', 'no'].
 
     ``lesions=False`` leaves out the two lesion questions. Output order follows the manifest rows, so the
     result is deterministic.
@@ -493,6 +496,11 @@ def demo_questions(collection, *, lesions: bool = True) -> list[VQAItem]:
         base = dict(image=str(row["abs_path"]), case_id=str(row["case_id"]), image_id=str(row["id"]), modality=mod)
         items.append(VQAItem(question=QUESTION_TEMPLATES["modality"], answer=MODALITY_WORDS.get(mod, mod),
                              answer_type="modality", choices=list(mod_choices), **base))
+        flag = _lesion_flag(row.get("lesion", ""))
+        tumour = str(row.get("finding", "")).strip().lower() == "tumour"
+        if tumour and lesions and flag is not None:
+            items.append(VQAItem(question=QUESTION_TEMPLATES["tumour"], answer=YES_NO[1 - flag],
+                                 answer_type="tumour", choices=list(YES_NO), **base))
         part = _body_part(row.get("body_part", ""))
         if part:
             items.append(VQAItem(question=QUESTION_TEMPLATES["body_part"], answer=part, answer_type="body_part",
@@ -504,10 +512,7 @@ def demo_questions(collection, *, lesions: bool = True) -> list[VQAItem]:
         elif mod in ("XR", "CR", "DX") and plane.upper() in VIEWS:  # radiographs, whichever code the manifest uses
             items.append(VQAItem(question=QUESTION_TEMPLATES["view"], answer=plane.upper(), answer_type="plane",
                                  choices=list(VIEWS), **base))
-        if not lesions:
-            continue
-        flag = _lesion_flag(row.get("lesion", ""))
-        if flag is None:
+        if not lesions or tumour or flag is None:
             continue
         items.append(VQAItem(question=QUESTION_TEMPLATES["lesion_present"], answer=YES_NO[1 - flag],
                              answer_type="lesion_present", choices=list(YES_NO), **base))

@@ -18,7 +18,7 @@ SIZE = 256
 STAMP = "build.json"
 MANIFEST_COLUMNS = (
     "id", "case_id", "modality", "body_part", "plane", "source_package", "source_version", "source_file",
-    "index", "licence", "lesion", "mask", "path", "width_orig", "height_orig", "pixel_spacing_mm",
+    "index", "licence", "lesion", "finding", "mask", "path", "width_orig", "height_orig", "pixel_spacing_mm",
 )
 
 

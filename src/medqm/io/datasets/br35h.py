@@ -315,7 +315,8 @@ def build(writer, sources: dict[str, Path], log=print) -> dict:
             "case_id": it.case_id, "modality": "MR", "body_part": "brain", "plane": "axial",
             "source_package": ARCHIVE.name, "source_version": ARCHIVE.version,
             "source_file": f"{it.member}#crop={top},{left},{h},{w}",
-            "index": "", "licence": "unknown (Kaggle Br35H; package MIT)", "lesion": it.label, "mask": "",
+            "index": "", "licence": "unknown (Kaggle Br35H; package MIT)", "lesion": it.label,
+            "finding": "tumour", "mask": "",
             "width_orig": w, "height_orig": h, "pixel_spacing_mm": "",
         }, px)
         it.grey = it.head = None  # free the decoded pixels
@@ -334,7 +335,7 @@ def build(writer, sources: dict[str, Path], log=print) -> dict:
     return figures
 
 
-DATASET = Dataset("br35h", DESCRIPTION, (ARCHIVE,), build, version="1")
+DATASET = Dataset("br35h", DESCRIPTION, (ARCHIVE,), build, version="2")  # 2: the finding column
 
 
 def _outside_head_features(path: Path) -> list[float]:

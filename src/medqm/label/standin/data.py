@@ -15,7 +15,7 @@ import numpy as np
 from medqm._fs import write_json
 from medqm.io import read_image
 from medqm.io.collection import load_manifest
-from medqm.label.tasks import QUESTION_TEMPLATES, YES_NO, VQAItem, demo_questions
+from medqm.label.tasks import demo_questions
 from medqm.synth import spread_order
 
 from .split import case_split
@@ -56,26 +56,16 @@ def lesion_set(collection: Path, work: Path, cfg: TrainConfig) -> Path:
 
 
 def br35h_items(root: Path, all_roots: list) -> list:
-    """The Br35H collection's questions: modality, body part and plane as `demo_questions` asks them (choices over
-    ``all_roots``, the collections trained on together), and the tumour question
-    (``QUESTION_TEMPLATES["tumour"]``, answer_type ``tumour``, yes/no from the manifest's ``lesion`` flag) in place
-    of the generic lesion question; an image without a 0/1 flag gets no tumour question."""
+    """The Br35H collection's questions as `demo_questions` asks them with choices over ``all_roots`` (the
+    collections trained on together): modality, the tumour question (its manifest's ``finding`` is 'tumour'),
+    body part and plane; the generic lesion questions are not asked of it."""
     root = Path(root).resolve()
     mine = {str(Path(p).resolve()) for p in load_manifest(root)["abs_path"]}
-    base = [it for it in demo_questions([*all_roots, root], lesions=False) if it.image in mine]
-    flags = {str(Path(r["abs_path"]).resolve()): str(r.get("lesion", "")).strip()
-             for r in load_manifest(root).to_dict("records")}
-    out = []
-    for it in base:
-        out.append(it)
-        if it.answer_type != "modality":
-            continue
-        flag = {"1": 1, "1.0": 1, "0": 0, "0.0": 0}.get(flags[it.image])
-        if flag is not None:  # one tumour question per image, after its modality question
-            out.append(VQAItem(image=it.image, question=QUESTION_TEMPLATES["tumour"], answer=YES_NO[1 - flag],
-                               case_id=it.case_id, answer_type="tumour", image_id=it.image_id, modality=it.modality,
-                               choices=list(YES_NO)))
-    return out
+    items = [it for it in demo_questions([*all_roots, root]) if it.image in mine]
+    if not any(it.answer_type == "tumour" for it in items):
+        raise ValueError(f"{root}: no image has the tumour question (manifest column 'finding' = 'tumour' with a "
+                         f"0/1 'lesion'); rebuild it with `medqm data build br35h --out {root}`")
+    return items
 
 
 def load_data(collection: Path, work: Path, cfg: TrainConfig) -> Data:
