@@ -47,7 +47,9 @@ data: $(VENV)/.installed-data
 	$(VENV)/bin/medqm data build br35h --out data/br35h
 	$(VENV)/bin/medqm data build cases --out data/cases
 
-demo: $(VENV)/.installed-demo
+# The demo asks the tumour question of Br35H images: data/br35h is built first (a no-op once built).
+demo: $(VENV)/.installed-demo $(VENV)/.installed-data
+	$(VENV)/bin/medqm data build br35h --out data/br35h
 	$(VENV)/bin/medqm demo
 
 test: $(VENV)/.installed-test

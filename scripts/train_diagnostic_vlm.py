@@ -2,6 +2,7 @@
 
     python scripts/train_diagnostic_vlm.py              # build the lesion set, train (~30 min on 2 cores), evaluate
     python scripts/train_diagnostic_vlm.py --eval-only  # re-measure the saved model and rewrite MODEL_CARD.md
+    python scripts/train_diagnostic_vlm.py --update-card  # add checks a saved evaluation lacks, rewrite the card
     python scripts/train_diagnostic_vlm.py --smoke      # < 1 min: every stage on a few images, into --work/smoke
     python scripts/train_diagnostic_vlm.py --br35h data/br35h --out runs/vlm-v2   # + Br35H's tumour question
 
@@ -87,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="share of the samples given to the tumour question (with --br35h)")
     ap.add_argument("--skip-reaction", action="store_true", help="leave out the distortion-reaction check")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and rewrite its card")
+    ap.add_argument("--update-card", action="store_true",
+                    help="reuse --work/eval_results.json (an evaluation of the model in --out), run the checks it "
+                         "lacks (the occlusion check) and rewrite the card")
     ap.add_argument("--smoke", action="store_true",
                     help="check every stage in < 1 min on a few images (never writes the shipped model)")
     return ap.parse_args(argv)
@@ -126,6 +130,37 @@ def reproduce_command(cfg: TrainConfig, args: argparse.Namespace) -> str:
     return command + (" --smoke" if args.smoke else "")
 
 
+def update_card(args: argparse.Namespace, data, summary_path: Path) -> int:
+    """--update-card: the saved evaluation plus the checks it lacks, then the card (no re-scoring of the rest)."""
+    from medqm.label.hf import load_model
+    from medqm.label.standin.data import read_pixels
+    from medqm.label.standin.evaluation import OCCLUSIONS, occlusion_check
+
+    res_path = args.work / "eval_results.json"
+    if not (summary_path.is_file() and res_path.is_file()):
+        print(f"--update-card needs {summary_path} and {res_path}", file=sys.stderr)
+        return 2
+    summary = json.loads(summary_path.read_text())
+    res = json.loads(res_path.read_text())
+    dm = load_model(args.out, batch_size=32)
+    if res.get("revision") != dm.revision:
+        print(f"{res_path} measured revision {res.get('revision')}, the model in {args.out} is {dm.revision}",
+              file=sys.stderr)
+        return 2
+    cfg = TrainConfig(**summary["config"])
+    if res.get("occlusion") is None:
+        val = [it for it in data.items if data.split[it.case_id] == "val" and it.answer_type == "tumour"]
+        occ = occlusion_check(dm, val, read_pixels(sorted({it.image for it in val})))
+        if occ:
+            print("occlusion check (tumour AUC): " + ", ".join(f"{v} {occ[v]['auc']:.3f}" for v in OCCLUSIONS)
+                  + f" on {occ['n']} images in {occ['seconds']:.0f} s", flush=True)
+        res["occlusion"] = occ
+        write_json(res, res_path, indent=1, default=str)
+    card = write_card(args.out, data, cfg, summary, res, reproduce_command(cfg, args))
+    print(f"wrote {card}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -143,6 +178,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     data = load_data(args.collection, args.work, cfg)
     summary_path = args.out / "training_summary.json"
+    if args.update_card:
+        return update_card(args, data, summary_path)
     if args.eval_only:
         if not summary_path.is_file():
             print(f"--eval-only needs a trained model with {summary_path}", file=sys.stderr)

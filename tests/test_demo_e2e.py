@@ -30,19 +30,28 @@ HEADLINE_KINDS = {"MedQM-I": "main", "MedQM-I no priors": "ablation", "MedQM-I n
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory) -> Path:
+def tumour_collection(tmp_path_factory) -> Path:
+    """A fake Br35H-like collection (4 of its cases go into the quick demo, 2 with a tumour)."""
+    from medqm.testing import fake_tumour_collection
+
+    return fake_tumour_collection(tmp_path_factory.mktemp("tumour") / "br35h")
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory, tumour_collection) -> Path:
     from medqm.io.collection import default_collection
     from medqm.label.standin import DEMO_VLM_ARCH, build_demo_vlm, save_demo_vlm, tokenizer_corpus
     from medqm.label.tasks import demo_questions
 
-    corpus = tokenizer_corpus(demo_questions(default_collection()))
+    corpus = tokenizer_corpus(demo_questions([default_collection(), tumour_collection]))
     model, processor = build_demo_vlm(corpus, arch={**DEMO_VLM_ARCH, **TINY_ARCH}, pretrained=True)
     return save_demo_vlm(model, processor, tmp_path_factory.mktemp("vlm") / "tiny-demo-vlm")
 
 
-def _demo(out: Path, vlm: Path):
+def _demo(out: Path, vlm: Path, tumour: Path):
     t0 = time.perf_counter()
-    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--model", str(vlm), "--threads", "1"])
+    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--model", str(vlm), "--threads", "1",
+                                 "--tumour-collection", str(tumour), "--tumour-cases", "4"])
     assert r.exit_code == 0, r.output
     return r.output, time.perf_counter() - t0
 
@@ -53,9 +62,9 @@ def _status(output: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_vlm, tmp_path_factory):
+def first_run(tiny_vlm, tumour_collection, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    output, seconds = _demo(out, tiny_vlm)
+    output, seconds = _demo(out, tiny_vlm, tumour_collection)
     return out, output, seconds
 
 
@@ -97,10 +106,17 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
         stamp = json.loads((folder / "stage.json").read_text())
         assert folder.name == f"{name}-{stamp['key']}" and stamp["seconds"] >= 0
 
-    # what each stage made: 8 references (4 CT and 4 MR cases), 3 types x 2 levels, five models
-    assert summary["stages"]["select"]["summary"]["by_modality"] == {"CT": 4, "MR": 4}
+    # what each stage made: 12 references (4 CT and 4 MR cases of data/demo, 4 tumour cases, 2 with a tumour),
+    # 3 types x 2 levels, five models
+    sel = summary["stages"]["select"]["summary"]
+    assert sel["by_modality"] == {"CT": 4, "MR": 8}
+    assert sel["tumour"] == {"images": 4, "cases": 4, "with_tumour": 2}
     labels = pd.read_parquet(stages["label"] / "labels.parquet")
-    assert len(labels) == 8 * (3 * 2 + 1) and labels["quality"].between(0, 1).all()
+    assert len(labels) == 12 * (3 * 2 + 1) and labels["quality"].between(0, 1).all()
+    assert set(labels["loss"]) == {"kl"} and set(labels["views"]) == {2}  # the demo's label definition
+    tumour_refs = labels[labels["case_id"].str.startswith("br35h-fake")]
+    assert tumour_refs["ref_id"].nunique() == 4
+    assert tumour_refs["answer_types"].astype(str).str.contains("tumour").all()
     assert set(labels["level"]) == {0, 1, 4}
     for model in MODEL_NAMES:
         assert (stages["train"] / model / "config.json").is_file()
@@ -114,15 +130,15 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(first_run):
     assert "Label ceiling" in output
 
 
-def test_a_second_run_reuses_every_stage(first_run, tiny_vlm):
+def test_a_second_run_reuses_every_stage(first_run, tiny_vlm, tumour_collection):
     out, first, _ = first_run
-    output, _ = _demo(out, tiny_vlm)
+    output, _ = _demo(out, tiny_vlm, tumour_collection)
     assert _status(output) == dict.fromkeys(STAGES, "reused")  # nothing recomputed (no clock: reuse is the test)
     table = [ln for ln in first.splitlines() if ln.startswith("│ MedQM-I ")]
     assert table and table[0] in output  # the same headline numbers
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(first_run, tiny_vlm):
+def test_an_interrupted_run_resumes_where_it_stopped(first_run, tiny_vlm, tumour_collection):
     """Stage folders without their stamp, as a kill leaves them: only the missing work is redone."""
     out, _, _ = first_run
     stages = {n: Path(s["dir"]) for n, s in json.loads((out / "demo.json").read_text())["stages"].items()}
@@ -137,7 +153,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(first_run, tiny_vlm):
     (trained / "medqm_i_baseline.done.json").unlink()  # the model in training when the run was killed
     main_weights = (trained / "medqm_i" / "model.safetensors").stat().st_mtime_ns
 
-    output, _ = _demo(out, tiny_vlm)
+    output, _ = _demo(out, tiny_vlm, tumour_collection)
     assert _status(output) == {"select": "reused", "distort": "reused", "label": "ran", "train": "ran",
                                "evaluate": "reused"}
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished shards were not redone
@@ -171,6 +187,22 @@ def test_reference_selection_is_deterministic_and_prefers_lesion_slices():
     assert q.groupby("modality")["case_id"].nunique().to_dict() == {"CT": 4, "MR": 4}
     with pytest.raises(DemoError, match="no images of modalities"):
         select_references(manifest, modalities=["PET"])
+
+
+def test_tumour_cases_are_drawn_half_with_a_tumour(tumour_collection):
+    from medqm.demo import select_tumour_cases
+    from medqm.io.collection import load_manifest
+
+    m = load_manifest(tumour_collection)  # 12 cases, 6 with a tumour, 1-3 images each
+    a = select_tumour_cases(m, 6, seed=0)
+    assert a["id"].tolist() == select_tumour_cases(m, 6, seed=0)["id"].tolist()
+    assert a["case_id"].nunique() == 6 and a.groupby("case_id").size().eq(1).all()
+    assert a.groupby("case_id")["lesion"].first().astype(str).value_counts().to_dict() == {"0": 3, "1": 3}
+    b = select_tumour_cases(m, 6, seed=1)
+    assert set(b["case_id"]) != set(a["case_id"])  # the seed draws the cases
+    c = select_tumour_cases(m, 10, refs_per_case=2)  # 5 + 5 of 6 + 6: two images where a case has them
+    assert c["case_id"].nunique() == 10 and c.groupby("case_id").size().max() == 2
+    assert select_tumour_cases(m, 40)["case_id"].nunique() == 12  # asking for more takes them all
 
 
 def test_config_presets_and_validation():

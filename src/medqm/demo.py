@@ -64,6 +64,10 @@ class DemoConfig:
         out: output folder; stage folders, ``demo.json`` and a copy of ``report.html`` go there.
         preset: name of the preset the settings came from (recorded only).
         collection: image collection with ``manifest.csv`` (default: the bundled ``data/demo``).
+        tumour_collection: a collection whose manifest's ``finding`` is 'tumour', asked the tumour question
+            (default: Br35H in ``data/br35h``, built by ``make data``).
+        tumour_cases: its cases (near-duplicate clusters) drawn, half with a tumour and half without, seeded by
+            ``seed``; ``tumour_refs_per_case`` images of each. 0 leaves the tumour collection out.
         vlm: diagnostic model, a local Hugging Face folder or hub id (default: the shipped stand-in VLM).
         modalities: only cases of these modalities (empty: all).
         cases_per_modality: keep the largest this many cases of each modality (None: all); ties by case id.
@@ -71,6 +75,9 @@ class DemoConfig:
             from its lesion-positive images when it has any.
         plan: distortion plan, a shipped plan name or a plan file.
         lesion_questions: ask the lesion questions (presence, quadrant) as well as modality, body part, plane.
+        label_loss, label_temperature, label_views: the MedQM-D label definition (`medqm label --loss --temperature
+            --views`): KL over each question's choices at temperature 3 averaged over two views (the original
+            and its mirror), the definition docs/medqm-d.md chose by measurement.
         label_batch_size: VLM samples per forward pass; shard_size: reference images per label shard.
         models: registered MedQM-I variants to train; must contain ``medqm_i`` (the evaluated model).
         img_size, epochs, patience, batch_size, lr, seed, fractions: training (`medqm.train.TrainConfig`),
@@ -85,12 +92,18 @@ class DemoConfig:
     out: str = "runs/demo"
     preset: str = "full"
     collection: str | None = None
+    tumour_collection: str | None = None
+    tumour_cases: int = 120
+    tumour_refs_per_case: int = 1
     vlm: str | None = None
     modalities: list[str] = field(default_factory=list)
     cases_per_modality: int | None = None
     refs_per_case: int = 3
     plan: str = "demo"
     lesion_questions: bool = True
+    label_loss: str = "kl"
+    label_temperature: float = 3.0
+    label_views: int = 2
     label_batch_size: int = 8
     shard_size: int = 4
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
@@ -109,7 +122,10 @@ class DemoConfig:
     threads: int | None = None
 
     def __post_init__(self):
-        for name in ("refs_per_case", "label_batch_size", "shard_size", "img_size", "epochs", "batch_size"):
+        if not isinstance(self.tumour_cases, int) or self.tumour_cases < 0:
+            raise ValueError(f"tumour_cases must be an integer >= 0, got {self.tumour_cases!r}")
+        for name in ("refs_per_case", "tumour_refs_per_case", "label_batch_size", "shard_size", "img_size", "epochs",
+                     "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.cases_per_modality is not None and self.cases_per_modality < 1:
@@ -132,6 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": {
         "modalities": ["CT", "MR"], "cases_per_modality": 4, "refs_per_case": 1, "plan": "demo-quick",
+        "tumour_cases": 0,
         "epochs": 3, "patience": 0, "batch_size": 16, "n_boot": 100, "gallery": 2,
     },
 }
@@ -212,20 +229,74 @@ def _spread(rows, k: int) -> list:
     return [rows.index[int((i + 0.5) * n / k)] for i in range(k)]
 
 
+def select_tumour_cases(manifest, n_cases: int, *, refs_per_case: int = 1, seed: int = 0):
+    """Rows of a tumour collection (Br35H): ``n_cases`` cases, half of them with a tumour (``lesion`` 1) and half
+    without (fewer if one kind runs short, the other then fills in), drawn at random with ``seed``;
+    ``refs_per_case`` images of each, evenly spread over its images in id order. Deterministic."""
+    import numpy as np
+
+    flag = manifest["lesion"].astype(str).str.strip()
+    df = manifest[flag.isin(["0", "1"])]
+    by_case = df.groupby("case_id", sort=True)["lesion"].agg(lambda v: str(v.iloc[0]).strip())
+    rng = np.random.default_rng(seed)
+    pools = {k: list(rng.permutation(sorted(by_case.index[by_case == k]))) for k in ("1", "0")}
+    want = {"1": (n_cases + 1) // 2, "0": n_cases // 2}
+    short = {k: max(0, want[k] - len(pools[k])) for k in want}
+    want = {"1": want["1"] - short["1"] + short["0"], "0": want["0"] - short["0"] + short["1"]}
+    cases = set(pools["1"][: want["1"]]) | set(pools["0"][: want["0"]])
+    keep = []
+    for case in sorted(cases):
+        keep += _spread(df[df["case_id"] == case].sort_values("id"), refs_per_case)
+    return df.loc[sorted(keep)].sort_values("id").reset_index(drop=True)
+
+
+def resolve_collection(spec: str | None, default: str) -> Path:
+    """A collection folder: ``spec``, else ``default`` relative to the working directory or, failing that, to
+    this source checkout (as `medqm.io.collection.default_collection` finds data/demo)."""
+    from medqm.io.collection import MANIFEST
+
+    if spec:
+        return Path(spec)
+    here = Path(default)
+    return here if (here / MANIFEST).is_file() else Path(__file__).resolve().parents[2] / default
+
+
+def _absolute(chosen, root: Path):
+    """A selection with absolute image and mask paths: a collection of its own whose files stay where they are."""
+    chosen = chosen.copy()
+    chosen["path"] = [str(Path(p).resolve()) for p in chosen["abs_path"]]
+    if "mask" in chosen:
+        chosen["mask"] = [str((root / m).resolve()) if str(m).strip() else "" for m in chosen["mask"]]
+    return chosen.drop(columns=["abs_path"])
+
+
 def _run_select(cfg: DemoConfig, out: Path, log: Log) -> StageRecord:
+    import pandas as pd
+
     from medqm.io.collection import MANIFEST, default_collection, load_manifest
 
     root = Path(cfg.collection) if cfg.collection else default_collection()
     t0 = time.perf_counter()
     manifest = load_manifest(root)
-    chosen = select_references(manifest, modalities=cfg.modalities, cases_per_modality=cfg.cases_per_modality,
-                               refs_per_case=cfg.refs_per_case)
-    # Absolute paths: the selection is a collection of its own whose files stay where they are.
-    chosen = chosen.copy()
-    chosen["path"] = [str(Path(p).resolve()) for p in chosen["abs_path"]]
-    if "mask" in chosen:
-        chosen["mask"] = [str((root / m).resolve()) if str(m).strip() else "" for m in chosen["mask"]]
-    chosen = chosen.drop(columns=["abs_path"])
+    chosen = _absolute(select_references(manifest, modalities=cfg.modalities,
+                                         cases_per_modality=cfg.cases_per_modality, refs_per_case=cfg.refs_per_case),
+                       root)
+    roots = [root]
+    if cfg.tumour_cases:
+        troot = resolve_collection(cfg.tumour_collection, "data/br35h")
+        if not (troot / MANIFEST).is_file():
+            raise DemoError(f"the tumour collection {troot} is not built: run `make data` (or `medqm data build br35h "
+                            f"--out {troot}`), or leave it out with --no-tumour (tumour_cases 0)")
+        tm = load_manifest(troot)
+        if "finding" not in tm or not (tm["finding"].astype(str).str.strip() == "tumour").any():
+            raise DemoError(f"{troot}: no image has finding 'tumour' (an old build?); rebuild it with "
+                            f"`medqm data build br35h --out {troot}`")
+        clash = set(tm["case_id"].astype(str)) & set(chosen["case_id"].astype(str))
+        if clash:
+            raise DemoError(f"{troot} and {root} share case ids {sorted(clash)[:3]}")
+        picked = select_tumour_cases(tm, cfg.tumour_cases, refs_per_case=cfg.tumour_refs_per_case, seed=cfg.seed)
+        chosen = pd.concat([chosen, _absolute(picked, troot)], ignore_index=True).fillna("")
+        roots.append(troot)
     content = []
     for r in chosen.to_dict("records"):
         files = [r["path"]] + ([r["mask"]] if r.get("mask") else [])
@@ -235,14 +306,22 @@ def _run_select(cfg: DemoConfig, out: Path, log: Log) -> StageRecord:
     inputs = {"collection": str(root.resolve()), "out": str(out.resolve()), "images": content,
               "selection": {"modalities": cfg.modalities, "cases_per_modality": cfg.cases_per_modality,
                             "refs_per_case": cfg.refs_per_case}}
+    if len(roots) > 1:  # keys of runs without a tumour collection stay what they were
+        inputs["tumour"] = {"collection": str(roots[1].resolve()), "cases": cfg.tumour_cases,
+                            "refs_per_case": cfg.tumour_refs_per_case, "seed": cfg.seed}
     stage = Stage(out, "select", inputs, log, order=STAGES, t0=t0)
     if stage.done:
         return stage.reused()
     stage.start()
     with atomic_path(stage.dir / MANIFEST) as tmp:
         chosen.to_csv(tmp, index=False)
-    summary = {"collection": str(root), "images": len(chosen), "cases": int(chosen["case_id"].nunique()),
+    summary = {"collection": str(root), "collections": [str(r) for r in roots], "images": len(chosen),
+               "cases": int(chosen["case_id"].nunique()),
                "by_modality": {str(m): int(n) for m, n in chosen.groupby("modality").size().items()}}
+    if len(roots) > 1:
+        tumour = chosen["path"].str.startswith(str(roots[1].resolve()))
+        summary["tumour"] = {"images": int(tumour.sum()), "cases": int(chosen.loc[tumour, "case_id"].nunique()),
+                             "with_tumour": int((chosen.loc[tumour, "lesion"].astype(str) == "1").sum())}
     return stage.finish(summary)
 
 
@@ -291,17 +370,18 @@ def vlm_source(cfg: DemoConfig) -> tuple[str, dict[str, Any]]:
 
 
 def _questions(cfg: DemoConfig, select: StageRecord):
-    """The collection's diagnostic questions (`demo_questions` of the whole collection, so the answer choices
-    are those of `medqm label --tasks demo`), for the selected images only."""
+    """The collections' diagnostic questions (`demo_questions` of the whole collections, so the answer choices
+    are those of `medqm label --tasks demo` on them; the tumour question for the tumour collection), for the
+    selected images only."""
     import pandas as pd
 
     from medqm.io.collection import MANIFEST
     from medqm.label.tasks import demo_questions
 
     chosen = pd.read_csv(select.dir / MANIFEST, dtype=str, keep_default_na=False)
-    root = Path(select.summary["collection"])
+    roots = [Path(r) for r in select.summary.get("collections", [select.summary["collection"]])]
     wanted = {str(Path(p).resolve()) for p in chosen["path"]}
-    return [it for it in demo_questions(root, lesions=cfg.lesion_questions) if str(Path(it.image).resolve()) in wanted]
+    return [it for it in demo_questions(roots, lesions=cfg.lesion_questions) if str(Path(it.image).resolve()) in wanted]
 
 
 def _run_label(cfg: DemoConfig, out: Path, select: StageRecord, distort: StageRecord, vlm: tuple[str, dict],
@@ -310,7 +390,8 @@ def _run_label(cfg: DemoConfig, out: Path, select: StageRecord, distort: StageRe
 
     source, vlm_id = vlm
     inputs = {"distort": distort.key, "select": select.key, "vlm": vlm_id, "lesion_questions": cfg.lesion_questions,
-              "quality_map": DEFAULT_MAP.to_dict(), "shard_size": cfg.shard_size}
+              "quality_map": DEFAULT_MAP.to_dict(), "shard_size": cfg.shard_size,
+              "definition": {"loss": cfg.label_loss, "temperature": cfg.label_temperature, "views": cfg.label_views}}
     stage = Stage(out, "label", inputs, log, order=STAGES)
     if stage.done:
         return stage.reused()
@@ -338,7 +419,8 @@ def _run_label(cfg: DemoConfig, out: Path, select: StageRecord, distort: StageRe
         stage.checkpoint()
 
     summary = run_labels(items, model, stage.dir, distorted=distort.dir, quality_map=DEFAULT_MAP,
-                         shard_size=cfg.shard_size, progress=on_progress)
+                         shard_size=cfg.shard_size, progress=on_progress, loss=cfg.label_loss,
+                         temperature=cfg.label_temperature if cfg.label_loss == "kl" else 1.0, views=cfg.label_views)
     if summary.errors:
         raise DemoError(f"{len(summary.errors)} images could not be labelled (listed in {stage.dir / 'errors.csv'}); "
                         "rerun to retry them")
@@ -460,7 +542,10 @@ def run_demo(cfg: DemoConfig, *, log: Log | None = print, progress: Progress | N
         sel = _run_select(cfg, out, say)
         s = sel.summary
         by_modality = ", ".join(f"{m} {n}" for m, n in s["by_modality"].items())
-        done(sel, f"{s['images']} reference images of {s['cases']} cases ({by_modality})")
+        tum = s.get("tumour")
+        tumour = (f"; {tum['images']} of them from the tumour collection ({tum['cases']} cases, "
+                  f"{tum['with_tumour']} with a tumour)" if tum else "")
+        done(sel, f"{s['images']} reference images of {s['cases']} cases ({by_modality}){tumour}")
         dist = _run_distort(cfg, out, sel, say, report)
         done(dist, f"{dist.summary['images']} distorted images of {s['images']} references ({s['cases']} cases) "
                    f"with plan {dist.summary['plan']!r}")
@@ -517,8 +602,10 @@ __all__ = [
     "headline",
     "link_latest",
     "read_stamp",
+    "resolve_collection",
     "run_demo",
     "select_references",
+    "select_tumour_cases",
     "stage_key",
     "vlm_source",
 ]

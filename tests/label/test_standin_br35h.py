@@ -3,7 +3,6 @@ cluster, and the tumour metrics of the evaluation, on a tiny fake Br35H folder."
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -14,34 +13,15 @@ import pytest
 from medqm.label.standin.evaluation import calibration, roc_auc, tumour_metrics
 from medqm.label.standin.training import TrainConfig, with_tumour_share
 from medqm.label.tasks import QUESTION_TEMPLATES, VQAItem, demo_questions
+from medqm.testing import FAKE_TUMOUR_CASES, fake_tumour_collection
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# (case_id, lesion, images): both answers in both parts of the seeded case split (checked below)
-FAKE_CASES = [(f"br35h-fake{c:02d}", c % 2, 1 + c % 3) for c in range(12)]
+FAKE_CASES = FAKE_TUMOUR_CASES
 
 
 def _fake_br35h(root: Path) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images" / "MR").mkdir(parents=True)
-    rows = []
-    for case, lesion, n in FAKE_CASES:
-        for k in range(n):
-            yy, xx = np.mgrid[:256, :256]
-            img = 80.0 * (((yy - 128) / 112.0) ** 2 + ((xx - 128) / 92.0) ** 2 < 1) + rng.normal(0, 6, (256, 256))
-            if lesion:
-                img += 120.0 * (((yy - 100 - 8 * k) ** 2 + (xx - 150) ** 2) < 15 ** 2)
-            rel = f"images/MR/mr-br35h-{'y' if lesion else 'n'}-{case}-{k}.png"
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / rel)
-            rows.append({"id": f"mr-br35h-{case}-{k}", "case_id": case, "modality": "MR", "body_part": "brain",
-                         "plane": "axial", "lesion": lesion, "finding": "tumour", "mask": "", "path": rel})
-    with open(root / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return root
+    return fake_tumour_collection(root)
 
 
 def _script():
@@ -133,3 +113,22 @@ def test_smoke_with_a_fake_br35h_folder(tmp_path):
     assert "tumour" in res["accuracy"]
     card = (smoke / "model" / "MODEL_CARD.md").read_text()
     assert "## Tumour question (Br35H)" in card and "--br35h" in card
+
+
+def test_occlude_blanks_the_head_or_its_surroundings(tmp_path):
+    from medqm.io import read_image
+    from medqm.label.standin.evaluation import occlude
+
+    root = _fake_br35h(tmp_path / "br35h")
+    px = read_image(root / "images" / "MR" / "mr-br35h-y-br35h-fake01-0.png").pixels
+    yy, xx = np.mgrid[:256, :256]
+    inside = ((yy - 128) / 112.0) ** 2 + ((xx - 128) / 92.0) ** 2 < 0.9  # well inside the ellipse
+    outside = ((yy - 128) / 112.0) ** 2 + ((xx - 128) / 92.0) ** 2 > 1.1
+    head = occlude(px, "head_blanked")
+    assert np.ptp(head[inside]) == 0 and abs(float(head[inside].mean()) - float(px[inside].mean())) < 0.02
+    assert np.array_equal(head[outside], px[outside])  # the surroundings untouched
+    back = occlude(px, "background_blanked")
+    assert np.all(back[outside] == 0) and np.array_equal(back[inside], px[inside])
+    assert occlude(px, "full") is px
+    with pytest.raises(ValueError, match="unknown occlusion"):
+        occlude(px, "tumour_blanked")

@@ -16,6 +16,11 @@ def demo(
     model: Optional[str] = typer.Option(None, help="Diagnostic VLM: local HF folder or hub id (default: the shipped "
                                                    "stand-in VLM)."),
     collection: Optional[Path] = typer.Option(None, help="Collection folder with manifest.csv (default: data/demo)."),
+    tumour_collection: Optional[Path] = typer.Option(None, help="Collection asked the tumour question (default: "
+                                                                "data/br35h, built by `make data`)."),
+    tumour_cases: Optional[int] = typer.Option(None, help="Cases (near-duplicate clusters) drawn from the tumour "
+                                                          "collection, half with a tumour (default: 120)."),
+    no_tumour: bool = typer.Option(False, "--no-tumour", help="Leave the tumour collection out."),
     threads: Optional[int] = typer.Option(None, help="CPU threads and worker processes (default: all cores)."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of demo settings (medqm.demo.DemoConfig fields: "
                                                       "refs_per_case, plan, epochs, n_boot…) over the preset."),
@@ -29,8 +34,12 @@ def demo(
 
         settings = read_settings(config) if config else {}
         settings.update({k: v for k, v in {"out": str(out), "vlm": model, "threads": threads,
-                                           "collection": str(collection) if collection else None}.items()
+                                           "collection": str(collection) if collection else None,
+                                           "tumour_collection": str(tumour_collection) if tumour_collection else None,
+                                           "tumour_cases": tumour_cases}.items()
                          if v is not None})
+        if no_tumour:
+            settings["tumour_cases"] = 0
         cfg = demo_config("quick" if quick else "full", **settings)
         console.print(f"medqm demo ({cfg.preset}) → {out}", highlight=False)
         with stage_bars(console, transient=False, eta=False) as progress:

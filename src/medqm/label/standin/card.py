@@ -323,7 +323,33 @@ def _card_tumour(res: dict) -> list[str]:
                     [[f"({b['lo']:.1f}, {b['hi']:.1f}]", b["n"], f"{b['confidence']:.3f}", f"{b['accuracy']:.3f}"]
                      for b in tm["calibration"]["bins"] if b["n"]]),
             "",
-            "No temperature has been fitted or folded into the LM head: these are the raw likelihoods.",
+            "No temperature has been fitted or folded into the LM head: these are the raw likelihoods (the tumour "
+            f"question's ECE, {_fmt(tm['ece'])}, is within its target without one).",
+            "",
+        ]
+    occ = res.get("occlusion")
+    if occ:
+        t = occ["targets"]
+        L += [
+            "### Occlusion check",
+            "",
+            f"Does the answer depend on the head, not its surroundings? The same question on {occ['n']} held-out "
+            f"images of {occ['n_cases']} clusters, with the head blanked (filled with its own mean grey, so its "
+            "outline stays and only its inside goes) and with the background blanked (everything outside the head "
+            "set to 0; the head is Br35H's `head_mask`). The collection's images already have a zero background "
+            "(docs/data.md), so the second variant checks that nothing outside the head mask is read.",
+            "",
+            *_table(["image", "ROC AUC of p(yes)", "accuracy", "mean p(yes)", "target", ""], [
+                ["whole image", _fmt(occ["full"]["auc"]), _fmt(occ["full"]["accuracy"]),
+                 _fmt(occ["full"]["mean_p_yes"]), "—", "—"],
+                ["head blanked", _fmt(occ["head_blanked"]["auc"]), _fmt(occ["head_blanked"]["accuracy"]),
+                 _fmt(occ["head_blanked"]["mean_p_yes"]), f"≤ {t['head_blanked_auc_max']}",
+                 "met" if occ["met"]["head_blanked"] else "**missed**"],
+                ["background blanked", _fmt(occ["background_blanked"]["auc"]),
+                 _fmt(occ["background_blanked"]["accuracy"]), _fmt(occ["background_blanked"]["mean_p_yes"]),
+                 f"within {t['background_blanked_auc_gap_max']} of the whole image",
+                 "met" if occ["met"]["background_blanked"] else "**missed**"],
+            ]),
             "",
         ]
     if calib:

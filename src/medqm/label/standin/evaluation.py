@@ -24,6 +24,8 @@ __all__ = [
     "SUBSET_PER_TYPE",
     "SUBSET_PREFIX",
     "TARGETS",
+    "OCCLUSIONS",
+    "OCCLUSION_TARGETS",
     "TUMOUR_TARGETS",
     "calibration",
     "check_consistency",
@@ -31,6 +33,8 @@ __all__ = [
     "choose_subset",
     "evaluate",
     "missed_targets",
+    "occlude",
+    "occlusion_check",
     "reaction_check",
     "roc_auc",
     "tumour_metrics",
@@ -51,6 +55,10 @@ SUBSET_PER_TYPE = {"modality": 30, "body_part": 30, "plane": 20, "lesion_present
 
 # issue 17's targets for the Br35H tumour question on held-out clusters (ECE: at most)
 TUMOUR_TARGETS = {"balanced_accuracy": 0.95, "auc": 0.98, "ece": 0.05}
+# the occlusion check's targets (issue 17): with the head blanked the tumour question is near chance, with the
+# background blanked it is as good as on the whole image
+OCCLUSION_TARGETS = {"head_blanked_auc_max": 0.60, "background_blanked_auc_gap_max": 0.01}
+OCCLUSIONS = ("full", "head_blanked", "background_blanked")
 ECE_BINS = 10
 
 
@@ -149,6 +157,55 @@ def tumour_metrics(items, scores, *, n_boot: int = 1000, seed: int = 0) -> dict 
     # per item, for a later temperature fit or occlusion check without re-scoring
     out["items"] = [{"image_id": it.image_id, "case_id": it.case_id, "answer": it.answer, "nll": sc["nll"]}
                     for it, sc in pairs]
+    return out
+
+
+def occlude(pixels: np.ndarray, variant: str) -> np.ndarray:
+    """``pixels`` (float, [0, 1]) with the head blanked (filled with its own mean grey, so the outline stays and
+    only what is inside it goes) or the background blanked (everything outside the head set to 0); the head is
+    Br35H's `head_mask` (the largest bright region, holes filled). ``'full'`` returns the pixels unchanged."""
+    from medqm.io.datasets.br35h import head_mask
+
+    if variant == "full":
+        return pixels
+    grey = pixels if pixels.ndim == 2 else pixels.mean(axis=2)
+    head, _ = head_mask(np.round(grey * 255).astype(np.uint8))
+    out = np.array(pixels, dtype=np.float32, copy=True)
+    if variant == "head_blanked":
+        out[head] = out[head].mean(axis=0)
+    elif variant == "background_blanked":
+        out[~head] = 0.0
+    else:
+        raise ValueError(f"unknown occlusion {variant!r}; choose from {OCCLUSIONS}")
+    return out
+
+
+def occlusion_check(dm, items, pixels: dict, *, max_items: int | None = None, seed: int = 0) -> dict | None:
+    """Does the tumour answer depend on the head, not its surroundings? ROC AUC of p(yes) on the held-out tumour
+    items with the whole image, the head blanked and the background blanked (`occlude`), scored through
+    ``dm.answer_nll``; ``max_items`` draws a seeded subset. None without tumour items."""
+    from .scoring import closed_set_scores
+
+    its = sorted((it for it in items if it.answer_type == "tumour"), key=lambda it: it.image_id)
+    if not its:
+        return None
+    if max_items and len(its) > max_items:
+        rng = np.random.default_rng(seed)
+        its = [its[i] for i in sorted(rng.choice(len(its), size=max_items, replace=False))]
+    y = np.array([it.answer == "yes" for it in its])
+    out = {"n": len(its), "n_cases": len({it.case_id for it in its}), "targets": OCCLUSION_TARGETS}
+    t0 = time.perf_counter()
+    for variant in OCCLUSIONS:
+        imgs = {it.image: occlude(pixels[it.image], variant) for it in its}
+        scores = closed_set_scores(dm, its, imgs)
+        p_yes = np.array([choice_probabilities(it, sc)["yes"] for it, sc in zip(its, scores, strict=True)])
+        out[variant] = {"auc": roc_auc(y, p_yes), "accuracy": float(np.mean([sc["correct"] for sc in scores])),
+                        "mean_p_yes": float(p_yes.mean())}
+    full = out["full"]["auc"]
+    out["met"] = {"head_blanked": out["head_blanked"]["auc"] <= OCCLUSION_TARGETS["head_blanked_auc_max"],
+                  "background_blanked": abs(out["background_blanked"]["auc"] - full)
+                  <= OCCLUSION_TARGETS["background_blanked_auc_gap_max"]}
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -374,6 +431,10 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
               f"{tumour['balanced_accuracy']:.3f}{_ci('balanced_accuracy')}, AUC "
               + (f"{tumour['auc']:.4f}" if tumour["auc"] is not None else "n/a") + _ci("auc")
               + f", ECE {tumour['ece']:.3f}{_ci('ece')}; targets {TUMOUR_TARGETS}", flush=True)
+    occlusion = occlusion_check(dm, val_items, pixels)
+    if occlusion:
+        print("occlusion check (tumour AUC): " + ", ".join(f"{v} {occlusion[v]['auc']:.3f}" for v in OCCLUSIONS)
+              + f" on {occlusion['n']} held-out images; targets {OCCLUSION_TARGETS}", flush=True)
     sub_rows, sub_acc = _subset_rows(data, val_items, scores)
     print("subset accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in sub_acc.items()), flush=True)
     if reaction_per_modality > 0:
@@ -399,7 +460,7 @@ def evaluate(model_dir: Path, data: Data, cfg: TrainConfig, *, reaction_per_moda
     return {"accuracy": acc, "accuracy_by_source": {f"{k[0]}|{k[1]}": v for k, v in acc_src.items()},
             "accuracy_by_modality": {f"{k[0]}|{k[1]}": v for k, v in acc_mod.items()},
             "subset_accuracy": sub_acc, "n_subset": len(sub_rows), "reaction": reaction, "consistency_gap": gap,
-            "calibration": calib, "tumour": tumour, "scoring_seconds": scoring_s,
+            "calibration": calib, "tumour": tumour, "occlusion": occlusion, "scoring_seconds": scoring_s,
             "revision": dm.revision, "eval_seconds": time.perf_counter() - t0,
             "notes": _limitation_notes(model_dir, missed)}
 
