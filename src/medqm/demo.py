@@ -295,7 +295,8 @@ def _run_select(cfg: DemoConfig, out: Path, log: Log) -> StageRecord:
         if clash:
             raise DemoError(f"{troot} and {root} share case ids {sorted(clash)[:3]}")
         picked = select_tumour_cases(tm, cfg.tumour_cases, refs_per_case=cfg.tumour_refs_per_case, seed=cfg.seed)
-        chosen = pd.concat([chosen, _absolute(picked, troot)], ignore_index=True).fillna("")
+        chosen = pd.concat([chosen, _absolute(picked, troot)], ignore_index=True)
+        chosen = chosen.astype(object).where(chosen.notna(), "")  # columns one collection lacks: empty
         roots.append(troot)
     content = []
     for r in chosen.to_dict("records"):
