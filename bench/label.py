@@ -27,8 +27,10 @@ float32 rounding). Prints one JSON line per label set with its ``reliability.jso
 (`LabelDefinition(loss='kl').answers`) on each of ``--views`` views, cut into calls as `LocalScorer` does
 (`image_chunks`, 32 samples), scored by the per-sample path (``share_prefix=False``: the whole model, vision tower
 included, per sample) and by the grouped path (one prefill of the common prompt prefix per image, see
-`medqm.label.hf`) in the same process, alternating, median of ``--repeats`` runs each. Prints one JSON line with
-both throughputs (samples/s), the speed-up and the largest absolute NLL difference between the two paths.
+`medqm.label.hf`) in the same process, alternating, median of ``--repeats`` runs each; then the same for
+``--loss nll`` (the correct answers only). Prints one JSON line with, per loss, both throughputs (samples/s), the
+speed-up, the time per image and view, and the largest absolute NLL difference between the two paths, and what kl
+costs over nll with each path.
 
     python bench/label.py --all-choices [--images 16] [--views 1] [--threads 1] [--repeats 3]
 """
@@ -223,45 +225,61 @@ def _all_choices(n_images: int, views: int, batch_size: int, repeats: int, threa
     for it in demo_questions(demo):
         if it.image_id in chosen:
             by_image.setdefault(it.image_id, []).append(it)
-    definition = LabelDefinition(loss="kl", views=views)
-    images, questions, answers = [], [], []
-    for image_id in chosen:
-        its = by_image[image_id]
-        pixels = read_image(its[0].image).pixels
-        view_pixels = [apply_view(pixels, v) for v in range(views)]  # one array per view, as LocalScorer passes
-        for t in definition.triples(image_id, its[0].image, its):
-            images.append(view_pixels[t[4]])
-            questions.append(t[2])
-            answers.append(t[3])
-    chunks = image_chunks(images, 32)
+    pixels = {image_id: read_image(by_image[image_id][0].image).pixels for image_id in chosen}
     grouped = load_model(DEMO_VLM_DIR, batch_size=batch_size)
     per_sample = HFDiagnosticModel(grouped.model, grouped.processor, model_id=grouped.model_id,
                                    revision=grouped.revision, batch_size=batch_size, share_prefix=False)
 
-    def run(m) -> tuple[float, np.ndarray]:
-        t0 = time.perf_counter()
-        nll = np.concatenate([m.answer_nll(images[a:b], questions[a:b], answers[a:b]) for a, b in chunks])
-        return len(images) / (time.perf_counter() - t0), nll
+    def workload(loss: str) -> tuple[list, list, list]:
+        definition = LabelDefinition(loss=loss, views=views)
+        images, questions, answers = [], [], []
+        for image_id in chosen:
+            its = by_image[image_id]
+            view_pixels = [apply_view(pixels[image_id], v) for v in range(views)]  # one array per view
+            for t in definition.triples(image_id, its[0].image, its):
+                images.append(view_pixels[t[4]])
+                questions.append(t[2])
+                answers.append(t[3])
+        return images, questions, answers
 
-    for m in (per_sample, grouped):  # warm-up
-        m.answer_nll(images[:24], questions[:24], answers[:24])
-    rates: dict[str, list[float]] = {"per_sample": [], "grouped": []}
-    nlls = {}
-    for _ in range(repeats):
-        for name, m in (("per_sample", per_sample), ("grouped", grouped)):
-            rate, nlls[name] = run(m)
-            rates[name].append(rate)
-    ps, gr = float(np.median(rates["per_sample"])), float(np.median(rates["grouped"]))
+    def measure(loss: str) -> dict:
+        images, questions, answers = workload(loss)
+        chunks = image_chunks(images, 32)  # the calls LocalScorer makes
+
+        def run(m) -> tuple[float, np.ndarray]:
+            t0 = time.perf_counter()
+            nll = np.concatenate([m.answer_nll(images[a:b], questions[a:b], answers[a:b]) for a, b in chunks])
+            return time.perf_counter() - t0, nll
+
+        for m in (per_sample, grouped):  # warm-up
+            m.answer_nll(images[:24], questions[:24], answers[:24])
+        seconds: dict[str, list[float]] = {"per_sample": [], "grouped": []}
+        nlls = {}
+        for _ in range(repeats):  # alternating, so that both paths see the same machine load
+            for name, m in (("per_sample", per_sample), ("grouped", grouped)):
+                t, nlls[name] = run(m)
+                seconds[name].append(t)
+        ps, gr = float(np.median(seconds["per_sample"])), float(np.median(seconds["grouped"]))
+        n = len(images)
+        return {
+            "samples": n, "samples_per_image_view": round(n / (len(chosen) * views), 2), "calls": len(chunks),
+            "per_sample_samples_per_s": round(n / ps, 1), "grouped_samples_per_s": round(n / gr, 1),
+            "speedup": round(ps / gr, 2),
+            "per_sample_ms_per_image_view": round(1000 * ps / (len(chosen) * views), 1),
+            "grouped_ms_per_image_view": round(1000 * gr / (len(chosen) * views), 1),
+            "max_abs_nll_diff": float(np.max(np.abs(nlls["grouped"] - nlls["per_sample"]))),
+        }
+
+    kl, nll = measure("kl"), measure("nll")
     print(json.dumps({
         "bench": "label_all_choices", "model": "medqm-vlm-demo (shipped stand-in)", "threads": threads,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "images": len(chosen), "views": views, "samples": len(images),
-        "samples_per_image_view": round(len(images) / (len(chosen) * views), 1), "calls": len(chunks),
-        "batch": batch_size, "repeats": repeats,
-        "per_sample_samples_per_s": round(ps, 1), "grouped_samples_per_s": round(gr, 1),
-        "speedup": round(gr / ps, 2),
-        "per_sample_ms_per_sample": round(1000 / ps, 1), "grouped_ms_per_sample": round(1000 / gr, 2),
-        "max_abs_nll_diff": float(np.max(np.abs(nlls["grouped"] - nlls["per_sample"]))),
+        "images": len(chosen), "views": views, "batch": batch_size, "repeats": repeats,
+        "kl": kl, "nll": nll,
+        # what choosing --loss kl over --loss nll costs in scoring time, with each path
+        "kl_over_nll_time": {
+            "per_sample": round(kl["per_sample_ms_per_image_view"] / nll["per_sample_ms_per_image_view"], 2),
+            "grouped": round(kl["grouped_ms_per_image_view"] / nll["grouped_ms_per_image_view"], 2)},
     }))
 
 
