@@ -205,7 +205,8 @@ class HFDiagnosticModel:
                              getattr(config, "image_token_index", None))
             if isinstance(t, int)
         })
-        params = inspect.signature(model.forward).parameters
+        forward = getattr(model, "forward", None)  # absent on the prompt-only probes of medqm.label.standin
+        params = inspect.signature(forward).parameters if callable(forward) else {}
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self._takes_cache_position = "cache_position" in params  # older transformers 5 releases
         self._prefix_failed = False
