@@ -526,7 +526,8 @@ class HFDiagnosticModel:
         if mrope:
             inner.rope_deltas = None  # recomputed by this prefill, never left over from another call
         out = self.model(**self._to_device(prefix), use_cache=True, logits_to_keep=1)
-        prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        prefix_cache = getattr(out, "cache", None)  # `past_key_values` before transformers 5.2x
+        prefix_cache = getattr(out, "past_key_values", None) if prefix_cache is None else prefix_cache
         if prefix_cache is None or prefix_cache.get_seq_length() != shared:
             return None
         delta = inner.rope_deltas if mrope else None
