@@ -21,6 +21,18 @@ scored once and shared by the six label sets, so the figures equal those of six 
 float32 rounding). Prints one JSON line per label set with its ``reliability.json`` figures.
 
     python bench/label.py --definitions runs/definitions [--cases 8] [--views 2] [--threads 2]
+
+``--all-choices`` instead measures `--loss kl` scoring on the shipped stand-in VLM (`medqm.label.standin.DEMO_VLM_DIR`):
+``--images`` demo images (one per case, spread over the modalities), every choice of each of their demo questions
+(`LabelDefinition(loss='kl').answers`) on each of ``--views`` views, cut into calls as `LocalScorer` does
+(`image_chunks`, 32 samples), scored by the per-sample path (``share_prefix=False``: the whole model, vision tower
+included, per sample) and by the grouped path (one prefill of the common prompt prefix per image, see
+`medqm.label.hf`) in the same process, alternating, median of ``--repeats`` runs each; then the same for
+``--loss nll`` (the correct answers only). Prints one JSON line with, per loss, both throughputs (samples/s), the
+speed-up, the time per image and view, and the largest absolute NLL difference between the two paths, and what kl
+costs over nll with each path.
+
+    python bench/label.py --all-choices [--images 16] [--views 1] [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -193,12 +205,94 @@ def _definitions(out: Path, cases: int, views: int, batch_size: int) -> None:
                   flush=True)
 
 
+def _all_choices(n_images: int, views: int, batch_size: int, repeats: int, threads: int) -> None:
+    """Per-sample vs grouped (shared prompt prefix) scoring of every choice, on the stand-in VLM."""
+    import torch
+
+    from medqm.io import read_image
+    from medqm.io.collection import default_collection, load_manifest
+    from medqm.label.hf import HFDiagnosticModel, load_model
+    from medqm.label.runner import LabelDefinition, apply_view, image_chunks
+    from medqm.label.standin import DEMO_VLM_DIR
+    from medqm.label.tasks import demo_questions
+
+    demo = default_collection()
+    df = load_manifest(demo).sort_values("id")
+    first = df.groupby("case_id", sort=True).head(1)  # one image per case, modalities interleaved
+    order = first.assign(k=first.groupby("modality").cumcount()).sort_values(["k", "modality", "case_id"])
+    chosen = list(order.id.head(n_images))
+    by_image: dict[str, list] = {}
+    for it in demo_questions(demo):
+        if it.image_id in chosen:
+            by_image.setdefault(it.image_id, []).append(it)
+    pixels = {image_id: read_image(by_image[image_id][0].image).pixels for image_id in chosen}
+    grouped = load_model(DEMO_VLM_DIR, batch_size=batch_size)
+    per_sample = HFDiagnosticModel(grouped.model, grouped.processor, model_id=grouped.model_id,
+                                   revision=grouped.revision, batch_size=batch_size, share_prefix=False)
+
+    def workload(loss: str) -> tuple[list, list, list]:
+        definition = LabelDefinition(loss=loss, views=views)
+        images, questions, answers = [], [], []
+        for image_id in chosen:
+            its = by_image[image_id]
+            view_pixels = [apply_view(pixels[image_id], v) for v in range(views)]  # one array per view
+            for t in definition.triples(image_id, its[0].image, its):
+                images.append(view_pixels[t[4]])
+                questions.append(t[2])
+                answers.append(t[3])
+        return images, questions, answers
+
+    def measure(loss: str) -> dict:
+        images, questions, answers = workload(loss)
+        chunks = image_chunks(images, 32)  # the calls LocalScorer makes
+
+        def run(m) -> tuple[float, np.ndarray]:
+            t0 = time.perf_counter()
+            nll = np.concatenate([m.answer_nll(images[a:b], questions[a:b], answers[a:b]) for a, b in chunks])
+            return time.perf_counter() - t0, nll
+
+        for m in (per_sample, grouped):  # warm-up
+            m.answer_nll(images[:24], questions[:24], answers[:24])
+        seconds: dict[str, list[float]] = {"per_sample": [], "grouped": []}
+        nlls = {}
+        for _ in range(repeats):  # alternating, so that both paths see the same machine load
+            for name, m in (("per_sample", per_sample), ("grouped", grouped)):
+                t, nlls[name] = run(m)
+                seconds[name].append(t)
+        ps, gr = float(np.median(seconds["per_sample"])), float(np.median(seconds["grouped"]))
+        n = len(images)
+        return {
+            "samples": n, "samples_per_image_view": round(n / (len(chosen) * views), 2), "calls": len(chunks),
+            "per_sample_samples_per_s": round(n / ps, 1), "grouped_samples_per_s": round(n / gr, 1),
+            "speedup": round(ps / gr, 2),
+            "per_sample_ms_per_image_view": round(1000 * ps / (len(chosen) * views), 1),
+            "grouped_ms_per_image_view": round(1000 * gr / (len(chosen) * views), 1),
+            "max_abs_nll_diff": float(np.max(np.abs(nlls["grouped"] - nlls["per_sample"]))),
+        }
+
+    kl, nll = measure("kl"), measure("nll")
+    print(json.dumps({
+        "bench": "label_all_choices", "model": "medqm-vlm-demo (shipped stand-in)", "threads": threads,
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "images": len(chosen), "views": views, "batch": batch_size, "repeats": repeats,
+        "kl": kl, "nll": nll,
+        # what choosing --loss kl over --loss nll costs in scoring time, with each path
+        "kl_over_nll_time": {
+            "per_sample": round(kl["per_sample_ms_per_image_view"] / nll["per_sample_ms_per_image_view"], 2),
+            "grouped": round(kl["grouped_ms_per_image_view"] / nll["grouped_ms_per_image_view"], 2)},
+    }))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--definitions", type=Path, help="compare the label definitions; results under this folder")
+    ap.add_argument("--all-choices", action="store_true",
+                    help="per-sample vs grouped scoring of every choice on the stand-in VLM")
+    ap.add_argument("--images", type=int, default=16, help="--all-choices: demo images (one per case)")
     ap.add_argument("--cases", type=int, default=8, help="--definitions: cases (one reference image each)")
-    ap.add_argument("--views", type=int, default=2, help="--definitions: views of the multi-view label sets")
-    ap.add_argument("--batch-size", type=int, default=8, help="--definitions: stand-in VLM batch size")
+    ap.add_argument("--views", type=int, default=None,
+                    help="--definitions: views of the multi-view label sets (default 2); --all-choices: views (1)")
+    ap.add_argument("--batch-size", type=int, default=8, help="--definitions, --all-choices: stand-in VLM batch size")
     ap.add_argument("--samples", type=int, default=64, help="samples per throughput run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -215,7 +309,13 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        _definitions(args.definitions, args.cases, args.views, args.batch_size)
+        _definitions(args.definitions, args.cases, args.views or 2, args.batch_size)
+        return
+    if args.all_choices:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        _all_choices(args.images, args.views or 1, args.batch_size, args.repeats, args.threads)
         return
 
     import torch

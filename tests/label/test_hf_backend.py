@@ -252,3 +252,80 @@ def test_build_tiny_vlm_vocab_size_and_errors(tmp_path):
         build_tiny_vlm("blip", tmp_path / "x")
     with pytest.raises(ValueError, match="vocab_size"):
         build_tiny_vlm("llava", tmp_path / "y", vocab_size=10)
+
+
+# ---------------------------------------------------------------------- all choices at speed (shared prefix)
+
+
+def vision_tower(model):
+    """The module that encodes images, whatever the family calls it."""
+    inner = model.model
+    for name in ("vision_tower", "visual", "vision_model"):
+        if hasattr(inner, name):
+            return getattr(inner, name)
+    raise AssertionError(f"no vision tower found on {type(model).__name__}")
+
+
+def count_calls(module) -> tuple[list[int], object]:
+    calls: list[int] = []
+    return calls, module.register_forward_hook(lambda *_: calls.append(1))
+
+
+def grouped_workload(seed: int):
+    """Images 0–2 (grey and RGB, of different sizes) with every question × every answer (answers of 1 to 11 words),
+    image 3 once; shuffled; each sample holds its own copy of the array (equal content, different objects)."""
+    imgs = _images(4, seed=seed)
+    answers = ["yes", "no", "axial plane", "no there is a small nodule in the left upper lung"]
+    samples = [(k, q, a) for k in range(3) for q in QUESTIONS[:3] for a in answers]
+    samples.append((3, QUESTIONS[3], "no"))
+    order = np.random.default_rng(seed).permutation(len(samples))
+    samples = [samples[i] for i in order]
+    return [imgs[k].copy() for k, _, _ in samples], [q for _, q, _ in samples], [a for _, _, a in samples]
+
+
+def with_options(m: HFDiagnosticModel, **options) -> HFDiagnosticModel:
+    return HFDiagnosticModel(m.model, m.processor, model_id=m.model_id, revision=m.revision, **options)
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_shared_prefix_equals_scoring_each_sample_alone(models, family, batch_size):
+    m = with_options(models[family], batch_size=batch_size)
+    imgs, qs, ans = grouped_workload(seed=11)
+    alone = np.array([m.answer_nll([i], [q], [a])[0] for i, q, a in zip(imgs, qs, ans, strict=True)])  # groups of one
+    got = m.score(imgs, qs, ans)
+    np.testing.assert_allclose(got.nll, alone, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(got.n_tokens, with_options(m, share_prefix=False).score(imgs, qs, ans).n_tokens)
+    # any sample order gives the same per-sample NLLs
+    perm = np.random.default_rng(1).permutation(len(imgs))
+    again = m.answer_nll([imgs[i] for i in perm], [qs[i] for i in perm], [ans[i] for i in perm])
+    np.testing.assert_allclose(again, got.nll[perm], rtol=0, atol=1e-4)
+
+
+def test_shared_prefix_runs_the_vision_tower_once_per_image(models, family):
+    imgs, qs, ans = grouped_workload(seed=12)
+    tower = vision_tower(models[family].model)
+    for share, expected in ((True, 4), (False, len(imgs))):  # 3 shared prefills + the image seen once
+        m = with_options(models[family], batch_size=1, share_prefix=share)
+        calls, hook = count_calls(tower)
+        try:
+            m.answer_nll(imgs, qs, ans)
+        finally:
+            hook.remove()
+        assert len(calls) == expected, (family, share, len(calls))
+
+
+def test_shared_prefix_failure_falls_back_with_a_warning(models, monkeypatch):
+    m = models["llava"]
+    original = m.model.forward
+
+    def no_cache(*args, **kwargs):  # a forward that refuses a key/value cache
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise TypeError("this model takes no cache")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(m.model, "forward", no_cache)
+    imgs, qs, ans = grouped_workload(seed=13)
+    broken = with_options(m)
+    with pytest.warns(UserWarning, match="shared prompt prefix failed"):
+        got = broken.answer_nll(imgs, qs, ans)
+    np.testing.assert_allclose(got, with_options(m, share_prefix=False).answer_nll(imgs, qs, ans), rtol=0, atol=1e-5)

@@ -226,3 +226,44 @@ def test_cli_label_demo_tasks_with_a_small_distorted_folder(two_ref_distortions,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     _assert_only_those_references(read_labels(out), dist_dir, ref_ids)
+
+
+class CallRecorder(FakeDiagnosticModel):
+    """The fake model, remembering which array objects each `answer_nll` call received."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def answer_nll(self, images, questions, answers):
+        self.batches.append([id(im) for im in images])
+        return super().answer_nll(images, questions, answers)
+
+
+def test_local_scorer_sends_each_image_view_in_one_call(tmp_path):
+    """Under --loss kl every image brings many samples; a chunk boundary must not split them (the hf backend
+    scores one image's samples against one prefill only when they arrive together)."""
+    from PIL import Image
+
+    from medqm.label.runner import LabelDefinition, LocalScorer
+
+    rng = np.random.default_rng(0)
+    choices = ["CT", "MRI", "X-ray", "ultrasound"]
+    definition = LabelDefinition(loss="kl", views=2)
+    triples = []
+    for k in range(5):
+        path = tmp_path / f"im{k}.png"
+        Image.fromarray((rng.random((32, 40)) * 255).astype(np.uint8)).save(path)
+        items = [VQAItem(str(path), q, "CT", f"c{k}", "modality", f"im{k}", "CT", choices[: 2 + j])
+                 for j, q in enumerate(["What imaging modality is this?", "Which modality?", "Modality?"])]
+        triples += definition.triples(f"im{k}", str(path), items)  # 2 + 3 + 4 = 9 samples per view
+    model = CallRecorder()
+    kept, nll = LocalScorer(model, chunk=20)(triples, errors := [])
+    assert kept == triples and not errors
+    assert [len(b) for b in model.batches] == [18, 18, 18, 18, 18]  # two whole views per call, never three
+    seen = [i for b in model.batches for i in dict.fromkeys(b)]
+    assert len(seen) == len(set(seen)) == 10  # every (image, view) array in exactly one call
+    np.testing.assert_array_equal(nll, LocalScorer(FakeDiagnosticModel(), chunk=1000)(triples, [])[1])
+    model = CallRecorder()
+    LocalScorer(model, chunk=4)(triples, [])  # a run longer than the chunk is a call of its own
+    assert [len(b) for b in model.batches] == [9] * 10

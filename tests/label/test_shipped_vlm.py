@@ -220,3 +220,34 @@ def test_tumour_question_on_heldout_br35h_clusters(dm):
     assert balanced >= 0.95 and roc_auc(y, p) >= 0.98, (balanced, roc_auc(y, p))
     blank, _ = p_yes({k: occlude(v, "head_blanked") for k, v in pixels.items()})
     assert roc_auc(y, blank) <= 0.60
+
+
+def test_all_choices_through_a_shared_prefix_equal_per_sample_scoring(dm):
+    """`--loss kl` scoring on the stand-in: every choice of every demo question of three images (grey and RGB)
+    plus one question of a fourth image (a group of one), shuffled, scored with one vision pass per image, equals
+    each sample scored alone to 1e-4."""
+    from medqm.label.hf import HFDiagnosticModel
+    from medqm.label.runner import LabelDefinition
+
+    demo = default_collection()
+    chosen = ["ct-head-j2k", "path-cmu1-t01", "xr-chest", "us-echo"]
+    items = [it for it in demo_questions(demo) if it.image_id in chosen]
+    definition = LabelDefinition(loss="kl")
+    samples = [(it.image, it.question, a) for it in items if it.image_id != chosen[3]
+               for a in definition.answers(it)[0]]
+    samples.append(next((it.image, it.question, it.answer) for it in items if it.image_id == chosen[3]))
+    samples = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
+    pixels = {p: read_image(p).pixels for p in dict.fromkeys(s[0] for s in samples)}
+    assert {x.ndim for x in pixels.values()} == {2, 3}
+    imgs, qs, ans = [pixels[s[0]] for s in samples], [s[1] for s in samples], [s[2] for s in samples]
+    one_pass = HFDiagnosticModel(dm.model, dm.processor, model_id=dm.model_id, revision=dm.revision, batch_size=1)
+    calls = []
+    hook = dm.model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = one_pass.answer_nll(imgs, qs, ans)
+    finally:
+        hook.remove()
+    assert len(calls) == 4  # one per distinct image: the grouped path ran
+    alone = np.array([dm.answer_nll([i], [q], [a])[0] for i, q, a in zip(imgs, qs, ans, strict=True)])
+    np.testing.assert_allclose(got, alone, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(dm.answer_nll(imgs, qs, ans), alone, rtol=0, atol=1e-4)  # batches of 8

@@ -221,12 +221,29 @@ def _item_key(it: VQAItem):
     return (it.answer_type or "", it.question, it.answer)
 
 
+def image_chunks(images: Sequence[np.ndarray], chunk: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive chunks of at most ``chunk`` samples that never split a run of one image.
+
+    A run is consecutive samples holding the same array object (`LocalScorer` passes one object per image and
+    view). The Hugging Face backend scores an image's samples against one pass of its prompt prefix when they
+    arrive in one call, so a run is kept whole; a run longer than ``chunk`` is a chunk of its own.
+    """
+    bounds, begin = [0], 0
+    for i in range(1, len(images) + 1):
+        if i < len(images) and images[i] is images[i - 1]:
+            continue
+        if i - bounds[-1] > chunk and begin > bounds[-1]:  # run [begin, i) does not fit: close the chunk before it
+            bounds.append(begin)
+        begin = i
+    if len(images) > bounds[-1]:
+        bounds.append(len(images))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def _score(model: DiagnosticModel, images: list[np.ndarray], questions: list[str], answers: list[str],
            chunk: int) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), chunk):
-        out.append(np.asarray(model.answer_nll(images[i : i + chunk], questions[i : i + chunk], answers[i : i + chunk]),
-                              np.float64))
+    out = [np.asarray(model.answer_nll(images[a:b], questions[a:b], answers[a:b]), np.float64)
+           for a, b in image_chunks(images, chunk)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
