@@ -142,6 +142,8 @@ def update_card(args: argparse.Namespace, data, summary_path: Path) -> int:
         return 2
     summary = json.loads(summary_path.read_text())
     res = json.loads(res_path.read_text())
+    for r in ((res.get("reaction") or {}).get("types") or {}).values():  # JSON keeps the levels as strings
+        r["mean_nll"] = {int(k): v for k, v in r["mean_nll"].items()}
     dm = load_model(args.out, batch_size=32)
     if res.get("revision") != dm.revision:
         print(f"{res_path} measured revision {res.get('revision')}, the model in {args.out} is {dm.revision}",
@@ -156,6 +158,12 @@ def update_card(args: argparse.Namespace, data, summary_path: Path) -> int:
                   + f" on {occ['n']} images in {occ['seconds']:.0f} s", flush=True)
         res["occlusion"] = occ
         write_json(res, res_path, indent=1, default=str)
+    from medqm.label.standin.evaluation import TARGETS, missed_targets
+
+    subset_path = args.out / "eval_subset.json"  # the targets the card and the shipped-model test judge by
+    subset = json.loads(subset_path.read_text())
+    subset.update(targets=TARGETS, missed=missed_targets(res["accuracy"]))
+    write_json(subset, subset_path, indent=1, ensure_ascii=False)
     card = write_card(args.out, data, cfg, summary, res, reproduce_command(cfg, args))
     print(f"wrote {card}", flush=True)
     return 0

@@ -93,7 +93,7 @@ class DemoConfig:
     preset: str = "full"
     collection: str | None = None
     tumour_collection: str | None = None
-    tumour_cases: int = 120
+    tumour_cases: int = 100
     tumour_refs_per_case: int = 1
     vlm: str | None = None
     modalities: list[str] = field(default_factory=list)

@@ -30,7 +30,7 @@ from medqm.label.tasks import VQAItem, demo_questions
 from medqm.synth import make_lesion_set
 
 MODEL = DEMO_VLM_DIR
-TARGETS = {"modality": 0.95, "lesion_present": 0.85, "lesion_quadrant": 0.7, "body_part": 0.8}  # the issue's targets
+TARGETS = {"modality": 0.97, "lesion_present": 0.85, "lesion_quadrant": 0.7, "body_part": 0.90}  # issue 17
 # the lesion questions are judged on balanced accuracy too (several lesion-positive hybrids per negative copy)
 BALANCED = ("lesion_present", "lesion_quadrant")
 # targets the shipped model is known to miss, and why (strict xfail: meeting one later forces an update here)
@@ -38,6 +38,8 @@ MISSED = {
     "lesion_present": "frozen ImageNet EfficientNet-Lite0 tower read in 32-px cells cannot see 8-20 px lesions of "
                       "CNR 1.8-5 (held-out balanced accuracy ~0.6 at training time; MODEL_CARD.md, Limitations)",
     "lesion_quadrant": "same cause as lesion_present: the quadrant of a lesion the tower does not see is a guess",
+    "modality": "held-out MR slices of data/demo and its lesion set are read as MRI 0.92 of the time (Br35H and CT "
+                "1.00; MODEL_CARD.md, Limitations): few MR patients besides Br35H's brains",
 }
 # the training run's case split and the prefix of its synthetic lesion set that is cheap to regenerate
 SPLIT = {"fraction": 0.3, "seed": 0}

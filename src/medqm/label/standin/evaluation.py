@@ -40,7 +40,7 @@ __all__ = [
     "tumour_metrics",
 ]
 
-TARGETS = {"modality": 0.95, "lesion_present": 0.85, "lesion_quadrant": 0.7, "body_part": 0.8}
+TARGETS = {"modality": 0.97, "lesion_present": 0.85, "lesion_quadrant": 0.7, "body_part": 0.90}  # issue 17
 
 
 # the lesion questions are judged on balanced accuracy too: the synthetic set has several lesion-positive hybrids
@@ -382,7 +382,11 @@ def _limitation_notes(model_dir: Path, missed: list[str]) -> list[str]:
     if "modality" in missed or "body_part" in missed:
         notes.append("Held-out modality and body-part items are nearly all CT and MR (the other modalities have "
                      "one to four cases, so few or none can be held out); their accuracy rests on a handful of "
-                     "held-out patients.")
+                     "held-out patients. The misses are MR slices of data/demo and of the lesion set built from "
+                     "them (see the per-source column): the held-out Br35H images and every held-out CT are "
+                     "answered right. Those MR volumes are few (the demo collection's MR cases), so the decoder "
+                     "sees few MR patients besides Br35H's brains; more MR cases, not more steps, is the remedy "
+                     "(the v1 model, trained without Br35H, read modality at 0.952 on the same held-out cases).")
     return notes
 
 
