@@ -197,7 +197,6 @@ def cross_validate(cfg: CVConfig, *, log: Say | None = print, progress: Progress
     timing: dict[str, Any] = {}
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     threads_before = None
     if cfg.num_threads is not None:
         import torch
@@ -281,6 +280,7 @@ def _folds(cfg: CVConfig, out: Path, say: Say):
     if cfg.folds > n_cases:
         raise ValueError(f"--folds {cfg.folds}: the labels have only {n_cases} usable cases and every fold needs at "
                          f"least one test case (folds must lie in 2 … {n_cases})")
+    out.mkdir(parents=True, exist_ok=True)
     _guard(cfg, out)
     files = [out / f"fold-{i}" / "split.csv" for i in range(cfg.folds)]
     if all(f.is_file() for f in files):
