@@ -562,6 +562,20 @@ def per_fold_rows(metrics: dict, key: str = "srcc") -> tuple[list[str], list[lis
     return header, rows
 
 
+def versus_text(metrics: dict) -> list[str]:
+    """One sentence each on the evaluated model against the best classical baseline and the best deep baseline."""
+    sig = metrics["significance"]
+    main, out = sig["reference"], []
+    for role, key in (("the best classical baseline", "best_classical"), ("the deep baseline", "best_deep_baseline")):
+        n = sig.get(key)
+        t = sig["tests"].get(n, {}).get("bootstrap") if n else None
+        if not t or t.get("ci") is None or not np.isfinite(t["diff"]):
+            continue
+        out.append(f"{main} vs {role}, {display(n)}: SRCC difference {t['diff']:+.3f} (95 % CI {t['ci'][0]:+.3f} to "
+                   f"{t['ci'][1]:+.3f}), paired case bootstrap p = {_p(t['p'])}.")
+    return out
+
+
 ABLATION_HEADER = ["ablation", "SRCC drop (MedQM-I − ablation)", "95% CI (cases)", "p (case bootstrap)"]
 
 
@@ -628,8 +642,8 @@ def write_cv_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> Non
     lines += ["## Per fold (SRCC)", "", _md_table(h, r), ""]
     if reliability_text(metrics):
         lines += ["## How learnable are these labels?", ""] + [f"- {t}" for t in reliability_text(metrics)] + [""]
-    lines += ["## Significance (pooled)", "", _significance_text(metrics), "",
-              _md_table(SIG_HEADER, significance_rows(metrics)), ""]
+    lines += ["## Significance (pooled)", "", _significance_text(metrics), ""]
+    lines += [f"- {t}" for t in versus_text(metrics)] + ["", _md_table(SIG_HEADER, significance_rows(metrics)), ""]
     if ablation_rows(metrics):
         lines += ["## Ablations (pooled)", "", _md_table(ABLATION_HEADER, ablation_rows(metrics)), ""]
     lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
@@ -672,7 +686,7 @@ def write_cv_html(metrics: dict, path: Path, pngs: dict[str, bytes]) -> None:
     if reliability_text(metrics):
         s += ["<h2>How learnable are these labels?</h2>", ul(reliability_text(metrics))]
     s += ["<h2>Significance (pooled)</h2>", f"<p>{html.escape(_significance_text(metrics))}</p>",
-          _html_table(SIG_HEADER, significance_rows(metrics))]
+          ul(versus_text(metrics)), _html_table(SIG_HEADER, significance_rows(metrics))]
     if ablation_rows(metrics):
         s += ["<h2>Ablations (pooled)</h2>", _html_table(ABLATION_HEADER, ablation_rows(metrics))]
     s += ["<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>", ul(metrics["alignment"]["text"])]
@@ -723,4 +737,4 @@ def write_cv_report(metrics: dict, rows, methods, out: Path, *, all_labels: np.n
 
 
 __all__ = ["write_report", "write_cv_report", "headline_rows", "headline_title", "design_of", "HEADLINE_HEADER",
-           "per_fold_rows", "ablation_rows", "group_table", "ordered_methods", "display"]
+           "per_fold_rows", "ablation_rows", "versus_text", "group_table", "ordered_methods", "display"]
