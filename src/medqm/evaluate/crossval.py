@@ -209,7 +209,7 @@ def cross_validate(cfg: CVConfig, *, log: Say | None = print, progress: Progress
         trained = _train_folds(cfg, out, splits, say, progress, timing)
         rows, dropped = _pooled_rows(table, out, len(splits))
         t = time.perf_counter()
-        methods = _score(cfg, out, rows, trained, progress)
+        methods = _score(cfg, out, rows, progress)
         timing["baselines"] = time.perf_counter() - t
         say(f"classical baselines: {len(rows)} images in {timing['baselines']:.1f} s")
         t = time.perf_counter()
@@ -371,7 +371,7 @@ def _pooled_rows(table, out: Path, k: int):
     return rows, dropped
 
 
-def _score(cfg: CVConfig, out: Path, rows, trained: dict, progress: Progress | None) -> list[Method]:
+def _score(cfg: CVConfig, out: Path, rows, progress: Progress | None) -> list[Method]:
     """The pooled scores: each model's fold checkpoints on their own test rows, the baselines on every row."""
     import pandas as pd
 

@@ -2,7 +2,8 @@
 
 Images of one case (patient, volume, slide) are correlated, and distorted versions of one reference share
 its content: a model that saw any of them in training has seen the test image. So a split assigns whole
-*cases*; no case, reference image or image file may sit in two parts.
+*cases*; no case, reference image or image file may sit in two parts. `make_folds` makes K such splits for
+cross-validation, each case a test case in exactly one of them.
 """
 
 from __future__ import annotations
