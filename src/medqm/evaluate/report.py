@@ -566,12 +566,13 @@ def versus_text(metrics: dict) -> list[str]:
     """One sentence each on the evaluated model against the best classical baseline and the best deep baseline."""
     sig = metrics["significance"]
     main, out = sig["reference"], []
-    for role, key in (("the best classical baseline", "best_classical"), ("the deep baseline", "best_deep_baseline")):
+    for role, key in (("best classical baseline", "best_classical"), ("deep baseline", "best_deep_baseline")):
         n = sig.get(key)
         t = sig["tests"].get(n, {}).get("bootstrap") if n else None
         if not t or t.get("ci") is None or not np.isfinite(t["diff"]):
             continue
-        out.append(f"{main} vs {role}, {display(n)}: SRCC difference {t['diff']:+.3f} (95 % CI {t['ci'][0]:+.3f} to "
+        who = display(n) + (f" ({role})" if display(n) != role else "")
+        out.append(f"{main} vs {who}: SRCC difference {t['diff']:+.3f} (95 % CI {t['ci'][0]:+.3f} to "
                    f"{t['ci'][1]:+.3f}), paired case bootstrap p = {_p(t['p'])}.")
     return out
 
