@@ -1,6 +1,7 @@
 """Evaluation of quality scores: classical no-reference baselines, agreement metrics with case-level
 uncertainty (re-exported from `medqm.metrics`), and `evaluate` — MedQM-I against classical and deep BIQA on
-the same held-out images, with a report (`medqm.evaluate.report`).
+the same held-out images, with a report (`medqm.evaluate.report`) — and `cross_validate`, the same comparison
+with every case held out once over K case-level folds and the figures pooled.
 """
 
 from medqm.metrics import (
@@ -27,7 +28,8 @@ from .baselines import (
     list_baselines,
     score_images,
 )
-from .report import HEADLINE_HEADER, headline_rows
+from .crossval import CVConfig, CVResult, cross_validate
+from .report import HEADLINE_HEADER, design_of, headline_rows, headline_title
 from .runner import EvalConfig, EvalResult, evaluate
 
 __all__ = [
@@ -53,6 +55,11 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "evaluate",
+    "CVConfig",
+    "CVResult",
+    "cross_validate",
     "HEADLINE_HEADER",
     "headline_rows",
+    "headline_title",
+    "design_of",
 ]

@@ -57,9 +57,14 @@ def distortion_oracle(table, split, rows):
     return np.array([table_mean.get(k, np.nan) for k in _keys(rows)], dtype=np.float64)
 
 
-def label_reliability(table, split, rows, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
-    """The distortion oracle's agreement with the test labels (case-bootstrap CIs) and severity monotonicity."""
-    pred = distortion_oracle(table, split, rows)
+def label_reliability(table, split, rows, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                      pred=None) -> dict[str, Any]:
+    """The distortion oracle's agreement with the test labels (case-bootstrap CIs) and severity monotonicity.
+
+    ``pred``: the oracle's predictions of ``rows`` when already made (cross-validation pools each fold's
+    `distortion_oracle`); then ``split`` is not used.
+    """
+    pred = distortion_oracle(table, split, rows) if pred is None else np.asarray(pred, dtype=np.float64)
     y = rows["quality"].to_numpy(dtype=np.float64)
     cases = rows["case_id"].astype(str).to_numpy()
     ok = np.isfinite(pred)

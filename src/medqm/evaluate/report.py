@@ -1,6 +1,7 @@
 """The evaluation report: report.md, a self-contained report.html, and the figures as PNG files.
 
-``metrics.json``, the numbers the report is drawn from, is written once by `medqm.evaluate.runner.evaluate`,
+``metrics.json``, the numbers the report is drawn from, is written once by `medqm.evaluate.runner.evaluate`
+(or `medqm.evaluate.crossval.cross_validate`, whose report `write_cv_report` adds the per-fold figures),
 after the report (so it carries the final timings). `HEADLINE_HEADER` and `headline_rows` give the headline
 table to other front ends (`medqm evaluate`, `medqm demo`).
 
@@ -73,6 +74,21 @@ def headline_rows(metrics: dict) -> list[list[str]]:
                      _f(o.get("plcc")), _f(o.get("krcc")), _f(o.get("rmse"), 4), str(o["n_images"]),
                      str(o.get("n_cases", 0))])
     return rows
+
+
+def design_of(metrics: dict) -> dict[str, Any]:
+    """How the figures of a metrics.json were obtained: ``{'kind': 'cross-validation', 'folds': K, …}`` when
+    pooled over K folds (`medqm.evaluate.crossval`), else ``{'kind': 'single-split'}`` (`evaluate` on one split)."""
+    return metrics.get("design") or {"kind": "single-split"}
+
+
+def headline_title(metrics: dict) -> str:
+    """A title for the headline table that says where its figures come from."""
+    d = design_of(metrics)
+    if d["kind"] == "cross-validation":
+        return (f"agreement with the labels, pooled over {d['folds']} case-level folds "
+                f"({metrics['test_set']['n_cases']} cases, each tested once)")
+    return "agreement with the labels on the held-out cases"
 
 
 def reliability_text(metrics: dict) -> list[str]:
@@ -528,4 +544,198 @@ def write_report(metrics: dict, rows, methods, out: Path, *, gallery: list[dict]
     return files
 
 
-__all__ = ["write_report", "headline_rows", "HEADLINE_HEADER", "group_table", "ordered_methods", "display"]
+# ------------------------------------------------------------------------------------------- cross-validation
+def per_fold_rows(metrics: dict, key: str = "srcc") -> tuple[list[str], list[list[str]]]:
+    """Rows = methods (then the distortion oracle), columns = each fold's ``key``, their mean ± SD, the pooled one."""
+    pf = metrics["per_fold"]
+    folds = pf["folds"]
+    header = ["method"] + [f"fold {f['fold'] + 1} ({f['n_cases']} cases)" for f in folds] + ["mean ± SD", "pooled"]
+    rows = []
+    oracle = metrics.get("label_reliability", {}).get("distortion_oracle", {})
+    for n in [*ordered_methods(metrics), "distortion oracle"]:
+        if n not in pf["summary"]:
+            continue
+        sm = pf["summary"][n]
+        pooled = oracle.get(key) if n == "distortion oracle" else metrics["methods"][n]["overall"].get(key)
+        rows.append([display(n)] + [_f(f["methods"][n].get(key)) for f in folds]
+                    + [f"{_f(sm.get(f'{key}_mean'))} ± {_f(sm.get(f'{key}_sd'))}", _f(pooled)])
+    return header, rows
+
+
+def versus_text(metrics: dict) -> list[str]:
+    """One sentence each on the evaluated model against the best classical baseline and the best deep baseline."""
+    sig = metrics["significance"]
+    main, out = sig["reference"], []
+    for role, key in (("best classical baseline", "best_classical"), ("deep baseline", "best_deep_baseline")):
+        n = sig.get(key)
+        t = sig["tests"].get(n, {}).get("bootstrap") if n else None
+        if not t or t.get("ci") is None or not np.isfinite(t["diff"]):
+            continue
+        who = display(n) + (f" ({role})" if display(n) != role else "")
+        out.append(f"{main} vs {who}: SRCC difference {t['diff']:+.3f} (95 % CI {t['ci'][0]:+.3f} to "
+                   f"{t['ci'][1]:+.3f}), paired case bootstrap p = {_p(t['p'])}.")
+    return out
+
+
+ABLATION_HEADER = ["ablation", "SRCC drop (MedQM-I − ablation)", "95% CI (cases)", "p (case bootstrap)"]
+
+
+def ablation_rows(metrics: dict) -> list[list[str]]:
+    """Each ablation's SRCC drop against the evaluated model, pooled, with the paired case bootstrap."""
+    out = []
+    for n, d in (metrics["significance"].get("ablations") or {}).items():
+        ci = d.get("ci")
+        out.append([display(n), f"{d['drop']:+.3f}" if d.get("drop") is not None and np.isfinite(d["drop"]) else "–",
+                    f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "–", _p(d.get("p"))])
+    return out
+
+
+def fig_per_fold(metrics: dict) -> bytes:
+    """SRCC of every method in each fold (dots) and pooled over the folds (bar), methods as rows."""
+    pf = metrics["per_fold"]
+    ms = metrics["methods"]
+    names = ordered_methods(metrics)[::-1]
+    fig = _figure(6.5, 0.35 * len(names) + 1.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for j, n in enumerate(names):
+        pooled = ms[n]["overall"].get("srcc")
+        ax.barh(j, pooled if pooled is not None and np.isfinite(pooled) else 0.0, color=KIND_COLOUR[ms[n]["kind"]],
+                alpha=0.35)
+        vals = [f["methods"][n].get("srcc") for f in pf["folds"]]
+        for f, v in zip(pf["folds"], vals, strict=True):
+            if v is not None and np.isfinite(v):
+                ax.plot(v, j, "o", ms=4, color=KIND_COLOUR[ms[n]["kind"]])
+                ax.annotate(str(f["fold"] + 1), (v, j), xytext=(0, 4), textcoords="offset points", fontsize=6,
+                            ha="center")
+    ax.set_yticks(range(len(names)), [display(n) for n in names], fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("SRCC with the labels: dots = each fold (numbered), bar = pooled over the folds", fontsize=8)
+    return _png(fig)
+
+
+def _cv_provenance(metrics: dict) -> list[str]:
+    d, ts, lab, st = metrics["design"], metrics["test_set"], metrics["labels"], metrics["settings"]
+    per_fold = ", ".join(f"{f['n_cases']} cases / {f['n_images']} images" for f in ts["by_fold"])
+    return [
+        f"Labels: `{lab['path']}` (labelling model: {lab.get('model_id') or 'unknown'})",
+        f"Design: {d['folds']}-fold case-level cross-validation (seed {d['seed']}"
+        + (f", stratified by {d['stratify']}" if d.get("stratify") else "") + f"), folds in `{ts['folds_file']}`. "
+        f"In each fold every model ({', '.join(st['names'][m] for m in st['models'])}) is trained "
+        f"({st['mode']} backbone, {st['epochs']} epochs at most, patience {st['patience']}, input {st['img_size']} px) "
+        f"on the other cases, {st['val_fraction']:.0%} of them (by images) kept for early stopping, and predicts the "
+        "fold's test images; the classical baselines score every image once",
+        f"Test predictions pooled over the folds: {ts['n_images']} images of {ts['n_cases']} cases, each case tested "
+        f"once ({per_fold}); dropped: {', '.join(f'{k} {v}' for k, v in ts['dropped'].items())}",
+        f"Confidence intervals and the paired test: {st['n_boot']} bootstrap replicates resampling cases over all "
+        f"folds (seed {st['seed']}); PLCC and RMSE after one VQEG 4-parameter logistic fit on the pooled predictions; "
+        "lower-is-better scores sign-flipped",
+    ]
+
+
+def write_cv_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
+    main = metrics["significance"]["reference"]
+    k = metrics["design"]["folds"]
+    lines = [f"# MedQM evaluation ({k}-fold cross-validation): {main} vs classical and deep BIQA", ""]
+    lines += [f"- {p}" for p in _cv_provenance(metrics)]
+    lines += ["", f"## Headline (pooled over {k} folds)", "", _md_table(HEADLINE_HEADER, headline_rows(metrics)), ""]
+    h, r = per_fold_rows(metrics)
+    lines += ["## Per fold (SRCC)", "", _md_table(h, r), ""]
+    if reliability_text(metrics):
+        lines += ["## How learnable are these labels?", ""] + [f"- {t}" for t in reliability_text(metrics)] + [""]
+    lines += ["## Significance (pooled)", "", _significance_text(metrics), ""]
+    lines += [f"- {t}" for t in versus_text(metrics)] + ["", _md_table(SIG_HEADER, significance_rows(metrics)), ""]
+    if ablation_rows(metrics):
+        lines += ["## Ablations (pooled)", "", _md_table(ABLATION_HEADER, ablation_rows(metrics)), ""]
+    lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
+    lines += [f"- {t}" for t in metrics["alignment"]["text"]]
+    h, r = group_table(metrics, "by_modality")
+    lines += ["", "## Per modality (SRCC, pooled)", "", _md_table(h, r), ""]
+    for title, text, rows in gate_sections(metrics):
+        lines += [f"## Quality gate: {title}", "", text, ""] + ([_md_table(GATE_HEADER, rows), ""] if rows else [])
+    if figures:
+        lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    lines += ["The full report, with per-type and per-level tables, is `report.html`; every number is in "
+              "`metrics.json`, every pooled prediction in `predictions.csv`.", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_cv_html(metrics: dict, path: Path, pngs: dict[str, bytes]) -> None:
+    main = metrics["significance"]["reference"]
+    k = metrics["design"]["folds"]
+
+    def img(key: str, alt: str) -> str:
+        if key not in pngs:
+            return ""
+        return (f'<img class="fig" alt="{html.escape(alt)}" '
+                f'src="data:image/png;base64,{base64.b64encode(pngs[key]).decode()}">')
+
+    def ul(items) -> str:
+        return "<ul class='text'>" + "".join(f"<li>{html.escape(t)}</li>" for t in items) + "</ul>"
+
+    title = f"MedQM evaluation ({k}-fold cross-validation): {main} vs classical and deep BIQA"
+    s = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+         f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+         "<ul class='note'>" + "".join(f"<li>{html.escape(p.replace('`', ''))}</li>"
+                                       for p in _cv_provenance(metrics)) + "</ul>",
+         f"<h2>Headline (pooled over {k} folds)</h2>", _html_table(HEADLINE_HEADER, headline_rows(metrics)),
+         img("srcc", "pooled SRCC with confidence intervals"),
+         "<h2>Per fold</h2>", "<div class='scroll'>" + _html_table(*per_fold_rows(metrics)) + "</div>",
+         "<p class='note'>PLCC (after each fold's own logistic fit) per fold:</p>",
+         "<div class='scroll'>" + _html_table(*per_fold_rows(metrics, "plcc")) + "</div>",
+         img("per_fold", "SRCC per fold and pooled")]
+    if reliability_text(metrics):
+        s += ["<h2>How learnable are these labels?</h2>", ul(reliability_text(metrics))]
+    s += ["<h2>Significance (pooled)</h2>", f"<p>{html.escape(_significance_text(metrics))}</p>",
+          ul(versus_text(metrics)), _html_table(SIG_HEADER, significance_rows(metrics))]
+    if ablation_rows(metrics):
+        s += ["<h2>Ablations (pooled)</h2>", _html_table(ABLATION_HEADER, ablation_rows(metrics))]
+    s += ["<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>", ul(metrics["alignment"]["text"])]
+    gates = gate_sections(metrics)
+    if gates:
+        s += ["<h2>Quality gate with a guarantee</h2>", img("risk_coverage", "risk against coverage"),
+              "<p class='note'>Pooled scores of models trained on different folds share one threshold here; a "
+              "deployed gate is calibrated for one model.</p>"]
+        for t, text, rows in gates:
+            s += [f"<h3>{html.escape(t)}</h3>", f"<p class='note'>{html.escape(text)}</p>"]
+            s += [_html_table(GATE_HEADER, rows)] if rows else []
+    s += ["<h2>Quality vs severity</h2>", img("severity", "quality vs severity per distortion type"),
+          "<h2>Predicted vs label (pooled)</h2>", img("scatter", "predicted vs label"),
+          "<h2>Per modality (all methods, SRCC, pooled)</h2>",
+          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_modality")) + "</div>",
+          "<h2>Per distortion type (all methods, SRCC, pooled)</h2>",
+          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_type")) + "</div>",
+          "<h2>Per level (all methods, SRCC, pooled)</h2>",
+          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_level")) + "</div>",
+          "<h2>Label distribution</h2>", img("labels", "label distribution"),
+          f"<p class='note'>medqm {html.escape(str(metrics['medqm_version']))} · {html.escape(metrics['created'])} · "
+          f"total {metrics['timing'].get('total', 0):.0f} s · every number is in metrics.json</p>", "</body></html>"]
+    path.write_text("\n".join(s), encoding="utf-8")
+
+
+def write_cv_report(metrics: dict, rows, methods, out: Path, *, all_labels: np.ndarray | None = None
+                    ) -> dict[str, Path]:
+    """The cross-validation report (`medqm.evaluate.crossval`): report.md, report.html and figures/*.png, every
+    figure pooled over the folds beside the per-fold ones; returns their paths (metrics.json: the caller)."""
+    out = Path(out)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    pngs = {"srcc": fig_srcc_bars(metrics), "per_fold": fig_per_fold(metrics),
+            "scatter": fig_scatter(metrics, rows, methods), "labels": fig_labels(rows, all_labels)}
+    for key, fig in (("severity", fig_severity(metrics)), ("risk_coverage", fig_risk_coverage(metrics))):
+        if fig is not None:
+            pngs[key] = fig
+    files: dict[str, Path] = {}
+    for key, b in pngs.items():
+        files[f"figures/{key}.png"] = figdir / f"{key}.png"
+        (figdir / f"{key}.png").write_bytes(b)
+    files["report.md"] = out / "report.md"
+    write_cv_markdown(metrics, files["report.md"], {key: f"figures/{key}.png" for key in
+                                                    ("srcc", "per_fold", "severity", "scatter") if key in pngs})
+    files["report.html"] = out / "report.html"
+    write_cv_html(metrics, files["report.html"], pngs)
+    return files
+
+
+__all__ = ["write_report", "write_cv_report", "headline_rows", "headline_title", "design_of", "HEADLINE_HEADER",
+           "per_fold_rows", "ablation_rows", "versus_text", "group_table", "ordered_methods", "display"]

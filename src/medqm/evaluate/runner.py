@@ -192,7 +192,10 @@ def _check_unseen(name: str, model_dir: Path, test_cases: set[str]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-def _method_metrics(m: Method, rows, cases: np.ndarray, boot: CaseBootstrap, cfg: EvalConfig) -> dict[str, Any]:
+def method_metrics(m: Method, rows, cases: np.ndarray, boot: CaseBootstrap, cfg: EvalConfig) -> dict[str, Any]:
+    """A method's agreement with the labels of ``rows``: overall (with case-bootstrap intervals) and per modality,
+    distortion type and level. ``cfg`` is an `EvalConfig` or a `medqm.evaluate.crossval.CVConfig` (the helpers
+    of this module read only the settings both have: level, n_boot, seed, group_ci, workers, name, gate_*)."""
     y = rows["quality"].to_numpy(dtype=np.float64)
     x = m.aligned
     ok = np.isfinite(x)
@@ -224,18 +227,18 @@ def _method_metrics(m: Method, rows, cases: np.ndarray, boot: CaseBootstrap, cfg
     return out
 
 
-def _all_method_metrics(methods: list[Method], rows, cases: np.ndarray, boot: CaseBootstrap,
+def all_method_metrics(methods: list[Method], rows, cases: np.ndarray, boot: CaseBootstrap,
                         cfg: EvalConfig) -> dict[str, dict]:
-    """`_method_metrics` of every method; in ``cfg.workers`` processes when more than one (the bootstrap's
+    """`method_metrics` of every method; in ``cfg.workers`` processes when more than one (the bootstrap's
     logistic refits dominate the run time once the scores are cached)."""
     if cfg.workers == 1 or len(methods) == 1:
-        return {m.name: _method_metrics(m, rows, cases, boot, cfg) for m in methods}
+        return {m.name: method_metrics(m, rows, cases, boot, cfg) for m in methods}
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=min(cfg.workers, len(methods)), mp_context=mp.get_context("spawn"),
                              initializer=quiet_worker) as pool:
-        futures = {m.name: pool.submit(_method_metrics, m, rows, cases, boot, cfg) for m in methods}
+        futures = {m.name: pool.submit(method_metrics, m, rows, cases, boot, cfg) for m in methods}
         return {n: f.result() for n, f in futures.items()}
 
 
@@ -276,7 +279,8 @@ def describe_agreement(label: str, r: float, ci, n_cases: int) -> str:
     return text + "."
 
 
-def _alignment(methods: dict[str, Method], per: dict[str, dict], rows, main: str, sig: dict, cfg: EvalConfig) -> dict:
+def alignment_study(methods: dict[str, Method], per: dict[str, dict], rows, main: str, sig: dict,
+                    cfg: EvalConfig) -> dict:
     """The alignment study: how the classical BIQA metrics relate to the MLLM-oriented labels."""
     classical = [n for n in CLASSICAL_REFERENCE if n in methods]
     out: dict[str, Any] = {"metrics": classical, "overall": {}, "by_modality": {}, "by_type": {}, "severity": {},
@@ -355,7 +359,7 @@ def _alignment(methods: dict[str, Method], per: dict[str, dict], rows, main: str
     return out
 
 
-def _severity_curves(methods: dict[str, Method], rows, names: Sequence[str]) -> dict[str, Any]:
+def severity_curves(methods: dict[str, Method], rows, names: Sequence[str]) -> dict[str, Any]:
     """Mean percentile-normalised score per level, per distortion type (level 0: the references of that type)."""
     from scipy.stats import rankdata
 
@@ -420,7 +424,7 @@ def evaluate(cfg: EvalConfig, *, log: Say | None = print, progress: Progress | N
     say(f"metrics and {cfg.n_boot} case-bootstrap replicates in {timing['metrics']:.1f} s")
 
     t = time.perf_counter()
-    gate = _gate_comparison(cfg, methods, test.rows)
+    gate = gate_comparison(cfg, methods, test.rows)
     timing["gate"] = time.perf_counter() - t
     if gate:
         say(f"quality-gate comparison ({cfg.gate_splits} case splits) in {timing['gate']:.1f} s")
@@ -437,7 +441,7 @@ def evaluate(cfg: EvalConfig, *, log: Say | None = print, progress: Progress | N
     timing["report"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0
     files["metrics.json"] = out / "metrics.json"
-    _write_json(metrics, files["metrics.json"])  # the one write, with the final timings
+    write_metrics_json(metrics, files["metrics.json"])  # the one write, with the final timings
     say(f"report written to {out} in {timing['total']:.1f} s")
     return EvalResult(metrics, out, files, methods, test)
 
@@ -503,18 +507,18 @@ def _measure(cfg: EvalConfig, methods: list[Method], table, rows, split_file):
     by_name = {m.name: m for m in methods}
     cases = rows["case_id"].to_numpy()
     boot = CaseBootstrap(cases, cfg.n_boot, cfg.seed)
-    per = _all_method_metrics(methods, rows, cases, boot, cfg)
-    sig = _significance(cfg, methods, per, rows["quality"].to_numpy(dtype=np.float64), boot)
-    alignment = _alignment(by_name, per, rows, cfg.name, sig, cfg)
+    per = all_method_metrics(methods, rows, cases, boot, cfg)
+    sig = significance(cfg, methods, per, rows["quality"].to_numpy(dtype=np.float64), boot)
+    alignment = alignment_study(by_name, per, rows, cfg.name, sig, cfg)
     reliability = label_reliability(table, load_split(split_file), rows, n_boot=cfg.n_boot, seed=cfg.seed,
                                     level=cfg.level)
     reliability.pop("pred")
     reliability["text"] = describe_reliability(reliability, cfg.name, per[cfg.name]["overall"].get("srcc"))
-    curves = _severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
+    curves = severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
     return per, sig, alignment, reliability, curves
 
 
-def _gate_comparison(cfg: EvalConfig, methods: list[Method], rows) -> dict[str, Any] | None:
+def gate_comparison(cfg: EvalConfig, methods: list[Method], rows) -> dict[str, Any] | None:
     """Every method's quality gate on the test images (`medqm.evaluate.gate.compare_gates`); None without
     diagnostic losses in the labels or with fewer than 4 test cases."""
     from .gate import compare_gates
@@ -526,7 +530,7 @@ def _gate_comparison(cfg: EvalConfig, methods: list[Method], rows) -> dict[str, 
                          risk=cfg.gate_risk, n_splits=cfg.gate_splits, n_boot=cfg.n_boot, seed=cfg.seed)
 
 
-def _significance(cfg: EvalConfig, methods: list[Method], per: dict[str, dict], y: np.ndarray,
+def significance(cfg: EvalConfig, methods: list[Method], per: dict[str, dict], y: np.ndarray,
                   boot: CaseBootstrap) -> dict[str, Any]:
     """The best baselines by SRCC, and the main model tested against every other method."""
     main = next(m for m in methods if m.name == cfg.name)
@@ -587,10 +591,12 @@ def _jsonable(obj):
     return obj
 
 
-def _write_json(metrics: dict, path: Path) -> None:
+def write_metrics_json(metrics: dict, path: Path) -> None:
     from medqm._fs import write_json
 
     write_json(_jsonable(metrics), path, indent=1, allow_nan=False)
 
 
-__all__ = ["EvalConfig", "EvalResult", "Method", "evaluate", "resolve_compare", "describe_agreement"]
+__all__ = ["EvalConfig", "EvalResult", "Method", "evaluate", "resolve_compare", "describe_agreement", "method_metrics",
+           "all_method_metrics", "significance", "alignment_study", "severity_curves", "gate_comparison",
+           "write_metrics_json"]

@@ -3,7 +3,17 @@
 from medqm.metrics import correlations, grouped_correlations
 
 from .losses import QualityLoss, pairwise_rank_loss, plcc_loss
-from .split import SPLITS, SplitLeakageError, assign_split, check_split, load_split, make_split, save_split
+from .split import (
+    SPLITS,
+    SplitLeakageError,
+    assign_split,
+    check_folds,
+    check_split,
+    load_split,
+    make_folds,
+    make_split,
+    save_split,
+)
 from .trainer import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -18,6 +28,8 @@ __all__ = [
     "SPLITS",
     "SplitLeakageError",
     "make_split",
+    "make_folds",
+    "check_folds",
     "check_split",
     "assign_split",
     "save_split",

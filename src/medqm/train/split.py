@@ -2,7 +2,8 @@
 
 Images of one case (patient, volume, slide) are correlated, and distorted versions of one reference share
 its content: a model that saw any of them in training has seen the test image. So a split assigns whole
-*cases*; no case, reference image or image file may sit in two parts.
+*cases*; no case, reference image or image file may sit in two parts. `make_folds` makes K such splits for
+cross-validation, each case a test case in exactly one of them.
 """
 
 from __future__ import annotations
@@ -119,6 +120,90 @@ def assign_split(labels, split):
     return out
 
 
+def make_folds(labels, *, k: int = 5, val_fraction: float = 0.15, seed: int = 0,
+               stratify: str | None = "modality") -> list:
+    """K case-level cross-validation splits: every case is a test case in exactly one of them.
+
+    Cases are shuffled with ``seed`` within each ``stratify`` group, then dealt one by one to the fold with the
+    fewest *images* of that group so far (ties: fewest images in all, then the lower fold), so each fold gets
+    its share of every group and folds hold similar numbers of images; while a fold is empty it takes the next
+    case, so with at least ``k`` cases no fold is empty. In fold ``i`` the other cases are divided into train
+    and validation (for early stopping) by `make_split` with fractions ``(1 - val_fraction, val_fraction, 0)``
+    and seed ``seed + i``. Every split passes `check_split` against ``labels``.
+    Returns a list of ``k`` split tables (case_id, split, group, n_images, fold), ``fold`` being the fold in
+    which the case is tested.
+    """
+    import pandas as pd
+
+    if not isinstance(k, (int, np.integer)) or k < 2:
+        raise ValueError(f"k (folds) must be an integer >= 2, got {k!r}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if "case_id" not in labels:
+        raise ValueError("the label table has no case_id column")
+    labels = labels.assign(case_id=labels["case_id"].astype(str))
+    by_case = labels.groupby("case_id", sort=True)
+    n_images = by_case.size()
+    if k > len(n_images):
+        raise ValueError(f"k={k} folds need at least {k} cases; the labels have {len(n_images)}")
+    group_of = (by_case[stratify].agg(lambda s: s.mode().iloc[0]).astype(str) if stratify
+                else pd.Series("all", index=n_images.index))
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    total = np.zeros(k)
+    for group in sorted(group_of.unique()):
+        cases = sorted(group_of.index[group_of == group])
+        rng.shuffle(cases)
+        in_group = np.zeros(k)
+        for c in cases:
+            f = min(range(k), key=lambda j: (in_group[j], total[j], j))
+            fold_of[c] = f
+            in_group[f] += n_images[c]
+            total[f] += n_images[c]
+    splits = []
+    for i in range(k):
+        test = sorted(c for c, f in fold_of.items() if f == i)
+        if not test:  # cannot happen with k <= cases (an empty fold takes the next case); kept as a guard
+            raise ValueError(f"fold {i} has no test case")
+        rest = labels[~labels["case_id"].isin(test)]
+        inner = make_split(rest, fractions=(1 - val_fraction, val_fraction, 0.0), seed=seed + i, stratify=stratify)
+        inner["group"] = inner["group"].astype(str)
+        outer = pd.DataFrame({"case_id": test, "split": "test", "group": group_of[test].to_numpy(),
+                              "n_images": n_images[test].to_numpy().astype(int)})
+        split = pd.concat([inner, outer], ignore_index=True)
+        split["fold"] = split["case_id"].map(fold_of).astype(int)
+        split = split.sort_values(["split", "case_id"]).reset_index(drop=True)
+        check_split(split, labels)
+        splits.append(split)
+    check_folds(splits, labels)
+    return splits
+
+
+def check_folds(splits, labels=None) -> None:
+    """Refuse cross-validation splits where a case is tested in no fold or in two, or any fold leaks.
+
+    Raises `SplitLeakageError` (a case tested twice, or a fold sharing a case, reference or file between parts)
+    or ValueError (a case never tested, or a case missing from a fold).
+    """
+    tested: dict[str, int] = {}
+    for i, split in enumerate(splits):
+        check_split(split, labels)
+        for c in split.loc[split["split"] == "test", "case_id"].astype(str):
+            if c in tested:
+                raise SplitLeakageError(f"case {c!r} is a test case in folds {tested[c]} and {i}")
+            tested[c] = i
+    every = set().union(*(set(s["case_id"].astype(str)) for s in splits)) if splits else set()
+    if labels is not None:
+        every |= set(labels["case_id"].astype(str))
+    never = sorted(every - set(tested))
+    if never:
+        raise ValueError(f"{len(never)} case(s) are a test case in no fold, e.g. {never[0]!r}")
+    for i, split in enumerate(splits):
+        missing = sorted(every - set(split["case_id"].astype(str)))
+        if missing:
+            raise ValueError(f"fold {i} leaves out {len(missing)} case(s), e.g. {missing[0]!r}")
+
+
 def save_split(split, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,4 +221,5 @@ def load_split(path: str | os.PathLike):
     return split
 
 
-__all__ = ["SPLITS", "SplitLeakageError", "make_split", "check_split", "assign_split", "save_split", "load_split"]
+__all__ = ["SPLITS", "SplitLeakageError", "make_split", "make_folds", "check_split", "check_folds",
+           "assign_split", "save_split", "load_split"]
