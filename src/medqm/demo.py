@@ -83,6 +83,9 @@ class DemoConfig:
         img_size, epochs, patience, batch_size, lr, seed, fractions: training (`medqm.train.TrainConfig`),
             always in frozen-backbone mode; ``seed`` also seeds the split and the bootstrap.
         baselines: classical baselines of the evaluation (`medqm.evaluate.list_baselines`).
+        folds: case-level cross-validation in the evaluation (`medqm.evaluate.cross_validate`): every model is
+            trained again in each of ``folds`` folds and every case is a test case once, figures pooled over the
+            folds; 0 evaluates the train stage's checkpoints on its one split (`medqm.evaluate.evaluate`).
         n_boot: bootstrap replicates (cases resampled) for the confidence intervals.
         gallery: heatmap examples in the report; group_ci: bootstrap the per-modality/type/level SRCC too.
         runtime: MedQM-I scoring runtime in the evaluation ('torch', 'onnx' or 'auto').
@@ -115,6 +118,7 @@ class DemoConfig:
     seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     baselines: list[str] = field(default_factory=lambda: ["niqe", "brisque", "piqe"])
+    folds: int = 5
     n_boot: int = 1000
     gallery: int = 8
     group_ci: bool = True
@@ -132,6 +136,8 @@ class DemoConfig:
             raise ValueError(f"cases_per_modality must be >= 1 or None, got {self.cases_per_modality}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None (all cores), got {self.threads}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds == 1 or self.folds < 0:
+            raise ValueError(f"folds must be 0 (one split) or an integer >= 2, got {self.folds!r}")
         if self.n_boot < 10:
             raise ValueError(f"n_boot must be >= 10, got {self.n_boot}")
         if MAIN_MODEL not in self.models:
@@ -148,7 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": {
         "modalities": ["CT", "MR"], "cases_per_modality": 4, "refs_per_case": 1, "plan": "demo-quick",
-        "tumour_cases": 0,
+        "tumour_cases": 0, "folds": 0,
         "epochs": 3, "patience": 0, "batch_size": 16, "n_boot": 100, "gallery": 2,
     },
 }
@@ -438,8 +444,13 @@ def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progres
     inputs = {"label": label.key, "mode": "frozen", "img_size": cfg.img_size, "epochs": cfg.epochs,
               "patience": cfg.patience, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
               "fractions": list(cfg.fractions)}
+    # With cross-validation the evaluation trains every model in each fold; this stage then trains only the
+    # checkpoint users get (runs/demo/latest/medqm-i), on one split.
+    models = [MAIN_MODEL] if cfg.folds else cfg.models
+    if cfg.folds:
+        inputs["models"] = models
     stage = Stage(out, "train", inputs, log, order=STAGES)
-    todo = [m for m in cfg.models if not (stage.dir / f"{m}.done.json").is_file()]
+    todo = [m for m in models if not (stage.dir / f"{m}.done.json").is_file()]
     if stage.done and not todo:
         return stage.reused()
     stage.start()
@@ -452,7 +463,7 @@ def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progres
         rows, _ = training_rows(read_labels(label.dir))
         save_split(make_split(rows, fractions=cfg.fractions, seed=cfg.seed), split_file)
     results = {}
-    for name in cfg.models:
+    for name in models:
         done_file = stage.dir / f"{name}.done.json"
         if done_file.is_file():
             results[name] = json.loads(done_file.read_text(encoding="utf-8"))
@@ -490,21 +501,37 @@ def _run_evaluate(cfg: DemoConfig, out: Path, label: StageRecord, trained: Stage
     inputs = {"label": label.key, "train": trained.key, "models": cfg.models, "baselines": cfg.baselines,
               "n_boot": cfg.n_boot, "seed": cfg.seed, "gallery": cfg.gallery, "group_ci": cfg.group_ci,
               "runtime": cfg.runtime}
+    if cfg.folds:  # keys of single-split runs stay what they were
+        inputs["folds"] = {"k": cfg.folds, "img_size": cfg.img_size, "epochs": cfg.epochs, "patience": cfg.patience,
+                           "batch_size": cfg.batch_size, "lr": cfg.lr}
     stage = Stage(out, "evaluate", inputs, log, order=STAGES)
     if stage.done and (stage.dir / "metrics.json").is_file() and (stage.dir / "report.html").is_file():
         return stage.reused()
     stage.start()
-    from medqm.evaluate import EvalConfig, evaluate
+    if cfg.folds:
+        from medqm.evaluate import CVConfig, cross_validate
 
-    compare = [f"{MODEL_NAMES.get(m, m)}={trained.dir / m}" for m in cfg.models if m != MAIN_MODEL]
-    ecfg = EvalConfig(labels=str(label.dir), model=str(trained.dir / MAIN_MODEL), out=str(stage.dir), compare=compare,
-                      name=MODEL_NAMES[MAIN_MODEL], baselines=cfg.baselines, n_boot=cfg.n_boot, seed=cfg.seed,
-                      workers=cfg.threads or os.cpu_count() or 1, device="cpu", runtime=cfg.runtime,
-                      num_threads=cfg.threads, gallery=cfg.gallery, group_ci=cfg.group_ci)
-    result = evaluate(ecfg, log=stage.log, progress=lambda what, d, t: progress(f"score {what}", d, t))
+        ccfg = CVConfig(labels=str(label.dir), out=str(stage.dir), folds=cfg.folds, models=cfg.models, main=MAIN_MODEL,
+                        names=MODEL_NAMES, baselines=cfg.baselines, img_size=cfg.img_size, epochs=cfg.epochs,
+                        patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
+                        cache_dir=str(out / "cache" / "features"), device="cpu", num_threads=cfg.threads,
+                        n_boot=cfg.n_boot, seed=cfg.seed, workers=cfg.threads or os.cpu_count() or 1,
+                        group_ci=cfg.group_ci)
+        result = cross_validate(ccfg, log=stage.log, progress=lambda what, d, t: progress(what, d, t))
+    else:
+        from medqm.evaluate import EvalConfig, evaluate
+
+        compare = [f"{MODEL_NAMES.get(m, m)}={trained.dir / m}" for m in cfg.models if m != MAIN_MODEL]
+        ecfg = EvalConfig(labels=str(label.dir), model=str(trained.dir / MAIN_MODEL), out=str(stage.dir),
+                          compare=compare, name=MODEL_NAMES[MAIN_MODEL], baselines=cfg.baselines, n_boot=cfg.n_boot,
+                          seed=cfg.seed, workers=cfg.threads or os.cpu_count() or 1, device="cpu",
+                          runtime=cfg.runtime, num_threads=cfg.threads, gallery=cfg.gallery, group_ci=cfg.group_ci)
+        result = evaluate(ecfg, log=stage.log, progress=lambda what, d, t: progress(f"score {what}", d, t))
     info = result.metrics["test_set"]
     return stage.finish({"test_images": info.get("n_images"), "test_cases": info.get("n_cases"),
-                         "timing": {k: round(v, 2) for k, v in result.metrics.get("timing", {}).items()}})
+                         "folds": cfg.folds or None,
+                         "timing": {k: round(v, 2) for k, v in result.metrics.get("timing", {}).items()
+                                    if isinstance(v, (int, float))}})
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -555,10 +582,13 @@ def run_demo(cfg: DemoConfig, *, log: Log | None = print, progress: Progress | N
         done(lab, f"{lab.summary['rows']} labelled images, {lab.summary['questions']} diagnostic questions"
                   + (f", {rate:.1f} images/s" if rate else ""))
         trained = _run_train(cfg, out, lab, say, report)
-        done(trained, f"{len(trained.summary['models'])} models trained (frozen backbone)")
+        n = len(trained.summary["models"])
+        done(trained, f"{n} model{'s' if n > 1 else ''} trained (frozen backbone)")
         ev = _run_evaluate(cfg, out, lab, trained, say, report)
+        how = (f"pooled over {cfg.folds} case-level folds (every model trained in each)" if cfg.folds
+               else "on the train stage's split")
         done(ev, f"{ev.summary['test_images']} held-out images of {ev.summary['test_cases']} cases scored by "
-                 f"{len(cfg.models)} models and {len(cfg.baselines)} classical baselines")
+                 f"{len(cfg.models)} models and {len(cfg.baselines)} classical baselines, {how}")
     finally:
         if threads_before is not None:
             import torch
