@@ -152,7 +152,7 @@ def test_kl_against_a_hand_computation(grey, tmp_path, temperature):
 
 def test_nll_definition_is_the_mean_nll_difference(grey, tmp_path):
     dist, items = grey
-    run_labels(items, TableModel(), tmp_path / "nll", distorted=dist)
+    run_labels(items, TableModel(), tmp_path / "nll", distorted=dist, loss="nll")
     row = read_labels(tmp_path / "nll").set_index("dist_id").loc["r1__dark"]
     assert row.diag_loss == pytest.approx(((1.0 - 0.1) + (1.1 - 0.3)) / 2, rel=1e-12)
     assert json.loads(row.loss_kind) == ["nll", "nll"] and row.loss == "nll"
@@ -177,24 +177,25 @@ def test_questions_without_choices_fall_back_to_nll():
 def test_config_guard_covers_the_definition(grey, tmp_path):
     dist, items = grey
     out = tmp_path / "l"
-    run_labels(items, TableModel(), out, distorted=dist)
+    run_labels(items, TableModel(), out, distorted=dist, loss="nll")
     with pytest.raises(ValueError, match=r"different configuration \(loss\)"):
-        run_labels(items, TableModel(), out, distorted=dist, loss="kl")
+        run_labels(items, TableModel(), out, distorted=dist, loss="kl", temperature=1.0)
     with pytest.raises(ValueError, match=r"different configuration \(views\)"):
-        run_labels(items, TableModel(), out, distorted=dist, views=2)
+        run_labels(items, TableModel(), out, distorted=dist, views=2, loss="nll")
     kl = tmp_path / "kl"
-    run_labels(items, TableModel(), kl, distorted=dist, loss="kl")
+    run_labels(items, TableModel(), kl, distorted=dist, loss="kl", temperature=1.0)
     with pytest.raises(ValueError, match=r"different configuration \(temperature\)"):
-        run_labels(items, TableModel(), kl, distorted=dist, loss="kl", temperature=3.0)
+        run_labels(items, TableModel(), kl, distorted=dist, loss="kl")  # the default temperature, 3
     with pytest.raises(ValueError, match="applies to --loss kl only"):
         LabelDefinition("nll", 3.0)
-    # a folder made before the definition was stored (nll, 1 view) still resumes with the defaults
+    assert LabelDefinition() == LabelDefinition("kl", 3.0, 1) and LabelDefinition("nll").temperature == 1.0
+    # a folder made before the definition was stored (nll, 1 view: the legacy definition) still resumes with it
     cfg = json.loads((out / "label_config.json").read_text())
     (out / "label_config.json").write_text(json.dumps({k: v for k, v in cfg.items()
                                                        if k not in ("loss", "temperature", "views")}))
-    run_labels(items, TableModel(), out, distorted=dist)
+    run_labels(items, TableModel(), out, distorted=dist, loss="nll")
     with pytest.raises(ValueError, match=r"\(loss\)"):
-        run_labels(items, TableModel(), out, distorted=dist, loss="kl")
+        run_labels(items, TableModel(), out, distorted=dist, loss="kl", temperature=1.0)
 
 
 def test_mirrored_views_mirror_left_and_right():
@@ -247,7 +248,7 @@ def blobs(tmp_path):
 
 def test_flip_view_scores_the_mirrored_answer(blobs, tmp_path):
     dist, items = blobs
-    run_labels(items, BlobModel(), tmp_path / "v", distorted=dist, views=2)
+    run_labels(items, BlobModel(), tmp_path / "v", distorted=dist, views=2, loss="nll")
     lab = read_labels(tmp_path / "v").set_index("dist_id")
     ref = lab.loc["r0__reference"]
     # the flipped reference has its blob upper right, and the flipped question's answer is 'upper right'

@@ -53,7 +53,7 @@ def setup(tmp_path_factory):
 def test_rows_and_arithmetic(setup, tmp_path):
     root, items, refs = setup
     model = FakeDiagnosticModel()
-    summary = run_labels(items, model, tmp_path / "labels", distorted=root / "dist", shard_size=3)
+    summary = run_labels(items, model, tmp_path / "labels", distorted=root / "dist", shard_size=3, loss="nll")
     lab = read_labels(tmp_path / "labels")
     assert summary.rows == len(lab) == len(refs) * (1 + 3 * 3)
     assert lab.dist_id.is_unique and (lab.n_qa == 2).all()
@@ -85,26 +85,27 @@ def test_rows_and_arithmetic(setup, tmp_path):
 def test_every_image_scored_once(setup, tmp_path):
     root, items, refs = setup
     model = FakeDiagnosticModel()
-    run_labels(items, model, tmp_path / "l", distorted=root / "dist", shard_size=3, chunk=10_000)
+    run_labels(items, model, tmp_path / "l", distorted=root / "dist", shard_size=3, chunk=10_000, loss="nll")
     n_images = len(refs) * (1 + 3 * 3)
     assert model.samples == 2 * n_images  # two questions per image; references scored once, not per distortion
     # a rerun with a finished shard's reference cache but no shard file scores only distorted images
     (tmp_path / "l" / "shards" / "shard-00000.parquet").unlink()
     (tmp_path / "l" / "labels.parquet").unlink()
     again = FakeDiagnosticModel()
-    run_labels(items, again, tmp_path / "l", distorted=root / "dist", shard_size=3)
+    run_labels(items, again, tmp_path / "l", distorted=root / "dist", shard_size=3, loss="nll")
     assert again.samples == 2 * 3 * 9
 
 
 def test_resume_after_interrupt_gives_identical_rows(setup, tmp_path):
     root, items, _ = setup
     full = tmp_path / "full"
-    run_labels(items, FakeDiagnosticModel(), full, distorted=root / "dist", shard_size=2)
+    run_labels(items, FakeDiagnosticModel(), full, distorted=root / "dist", shard_size=2, loss="nll")
 
     part = tmp_path / "part"
     with pytest.raises(Stop):
-        run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2, progress=stop_past_half)
-    summary = run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2)
+        run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2, progress=stop_past_half,
+                   loss="nll")
+    summary = run_labels(items, FakeDiagnosticModel(), part, distorted=root / "dist", shard_size=2, loss="nll")
     assert summary.shards_done_before > 0
     pd.testing.assert_frame_equal(read_labels(full), read_labels(part))
 
@@ -121,7 +122,7 @@ from medqm.label.runner import run_labels
 from medqm.label.tasks import VQAItem
 items = [VQAItem(**d) for d in json.load(open({str(tasks)!r}))]
 run_labels(items, FakeDiagnosticModel(stall_after=int(sys.argv[2]) or None, stall_marker=sys.argv[3]), sys.argv[1],
-           distorted={str(root / 'dist')!r}, shard_size=1, chunk=4)
+           distorted={str(root / 'dist')!r}, shard_size=1, chunk=4, loss="nll")
 """
     out = tmp_path / "killed"
     marker = tmp_path / "stalled"
@@ -143,9 +144,9 @@ run_labels(items, FakeDiagnosticModel(stall_after=int(sys.argv[2]) or None, stal
 
 def test_config_change_is_refused(setup, tmp_path):
     root, items, _ = setup
-    run_labels(items, FakeDiagnosticModel(), tmp_path / "l", distorted=root / "dist")
+    run_labels(items, FakeDiagnosticModel(), tmp_path / "l", distorted=root / "dist", loss="nll")
     with pytest.raises(ValueError, match="different configuration"):
-        run_labels(items[:4], FakeDiagnosticModel(), tmp_path / "l", distorted=root / "dist")
+        run_labels(items[:4], FakeDiagnosticModel(), tmp_path / "l", distorted=root / "dist", loss="nll")
 
 
 def test_unreadable_distorted_image_is_recorded(setup, tmp_path):
@@ -156,7 +157,7 @@ def test_unreadable_distorted_image_is_recorded(setup, tmp_path):
     shutil.copytree(root / "dist", dist)
     victim = sorted((dist / "images" / "jpeg").glob("*.png"))[0]
     victim.write_bytes(b"")
-    summary = run_labels(items, FakeDiagnosticModel(), tmp_path / "l", distorted=dist)
+    summary = run_labels(items, FakeDiagnosticModel(), tmp_path / "l", distorted=dist, loss="nll")
     assert [e["dist_id"] for e in summary.errors] == [victim.stem]
     assert victim.stem not in set(read_labels(tmp_path / "l").dist_id)
     assert (tmp_path / "l" / "errors.csv").is_file()
@@ -201,7 +202,7 @@ def test_distorted_folder_restricts_the_references(two_ref_distortions, tmp_path
     items = demo_questions(default_collection())
     assert len({it.image_id for it in items}) > 100  # the whole collection has questions
     model = FakeDiagnosticModel()
-    summary = run_labels(items, model, tmp_path / "l", distorted=dist_dir, chunk=10_000)
+    summary = run_labels(items, model, tmp_path / "l", distorted=dist_dir, chunk=10_000, loss="nll")
     lab = read_labels(tmp_path / "l")
     _assert_only_those_references(lab, dist_dir, ref_ids)
     assert summary.rows == 10 and summary.shards == 1 and lab.attrs["medqm"]["n_references"] == 2

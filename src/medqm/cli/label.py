@@ -30,9 +30,11 @@ def label(
     shard_size: int = typer.Option(4, help="Reference images per atomic output shard."),
     center: float = typer.Option(0.6931471805599453, help="Quality map: loss (nats) where Q = 0.5 (default ln 2)."),
     scale: float = typer.Option(0.31546487678572877, help="Quality map: sigmoid scale in nats (default ln 2 / ln 9)."),
-    loss: str = typer.Option("nll", help="Label definition: nll (mean NLL increase of the correct answers) or kl "
-                                         "(KL(clean ‖ distorted) over each question's choices; see docs/medqm-d.md)."),
-    temperature: float = typer.Option(1.0, help="--loss kl: softmax temperature of the choice probabilities."),
+    loss: str = typer.Option("kl", help="Label definition: kl (KL(clean ‖ distorted) over each question's choices, "
+                                        "the default) or nll (mean NLL increase of the correct answers); see "
+                                        "docs/medqm-d.md."),
+    temperature: Optional[float] = typer.Option(None, help="--loss kl: softmax temperature of the choice "
+                                                           "probabilities (default 3)."),
     views: int = typer.Option(1, help="Harmless views averaged per label: 1, 2 (+ mirrored) or 4 (+ shifted, both)."),
 ):
     """Label distorted images by the diagnostic loss of a vision-language model (MedQM-D)."""

@@ -84,6 +84,9 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - (m + math.log(float(np.exp(z - m).sum())))
 
 
+DEFAULT_KL_TEMPERATURE = 3.0
+
+
 def choice_kl(nll_ref, nll_dist, temperature: float = 1.0) -> float:
     """KL(p_ref ‖ p_dist) in nats, p = softmax(−NLL(choice) / T) over one question's choices."""
     lr = _log_softmax(-np.asarray(nll_ref, np.float64) / temperature)
@@ -102,15 +105,20 @@ class LabelDefinition:
     - ``views`` K in (1, 2, 4): D is the mean over the first K of `VIEWS`, each applied to the reference and
       the distorted image alike; on mirrored views the answers and choices have left and right swapped
       (`mirror_text`; the question text is kept).
+
+    The default is ``kl`` at temperature 3 (``temperature=None`` means 3 for ``kl``, 1 for ``nll``): of the
+    definitions compared in docs/medqm-d.md it gave the most learnable and most reproducible labels.
     """
 
-    loss: str = "nll"
-    temperature: float = 1.0
+    loss: str = "kl"
+    temperature: float | None = None
     views: int = 1
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.temperature is None:
+            object.__setattr__(self, "temperature", DEFAULT_KL_TEMPERATURE if self.loss == "kl" else 1.0)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if self.loss == "nll" and self.temperature != 1.0:
@@ -164,6 +172,8 @@ class LabelDefinition:
 
 
 DEFAULT_DEFINITION = LabelDefinition()
+# what a label folder made before the definition was stored used (its label_config.json lacks these keys)
+LEGACY_DEFINITION = LabelDefinition("nll", 1.0, 1)
 
 
 @dataclass
@@ -353,8 +363,7 @@ class LabelSummary:
     reliability: dict | None = None  # medqm.label.reliability.label_reliability: what reliability.json holds
 
 
-# a label folder made before the definition was stored used these (its label_config.json lacks them)
-_CONFIG_DEFAULTS = DEFAULT_DEFINITION.to_dict()
+_CONFIG_DEFAULTS = LEGACY_DEFINITION.to_dict()
 
 
 def _config(items, refs, model, quality_map, shard_size, include_references,
@@ -385,8 +394,8 @@ def run_labels(
     progress: Callable[[int, int], None] | None = None,
     scorer: Callable | None = None,
     shards_per_call: int = 1,
-    loss: str = "nll",
-    temperature: float = 1.0,
+    loss: str = DEFAULT_DEFINITION.loss,
+    temperature: float | None = None,
     views: int = 1,
 ) -> LabelSummary:
     """Label every distorted image of ``distorted`` (a `medqm distort` output folder) whose reference has items.
@@ -394,9 +403,9 @@ def run_labels(
     ``model`` supplies the scores and the identity (model_id, revision) stored with the labels; a ``scorer``
     (e.g. the Ray engine's) may score instead, ``shards_per_call`` shards at a time.
     ``progress(done_images, total_images)`` is called as shards complete. ``loss``, ``temperature`` and
-    ``views`` choose the label definition (`LabelDefinition`); the defaults give today's nll labels.
+    ``views`` choose the label definition (`LabelDefinition`; default kl at temperature 3, one view).
     """
-    definition = LabelDefinition(loss, float(temperature), int(views))
+    definition = LabelDefinition(loss, None if temperature is None else float(temperature), int(views))
     identity = model
     scorer = scorer or LocalScorer(model, chunk)
     out = Path(out)
