@@ -18,10 +18,12 @@ from medqm.model.scoring import PreparedFiles, PreparedImage, prefetch, prepare_
 IMG = 64
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "images"
 
-# bfloat16 keeps 8 bits of mantissa; on the 315 held-out demo images the shipped checkpoint's bf16-autocast scores
-# differ from float32 by at most 0.0049 (mean 0.0013, Spearman ρ between the runs 0.9995; bench/dtype_agreement.py,
-# docs/medqm-i.md). 0.01 is twice the largest difference measured there.
-BF16_TOLERANCE = 0.01
+# bfloat16 keeps 8 bits of mantissa. On the 315 held-out demo images the shipped checkpoint's bf16-autocast scores
+# (CPU) differ from float32 by at most 0.0593, mean 0.0040, 99th percentile 0.034, Spearman ρ between the runs
+# 0.997 (bench/dtype_agreement.py, docs/medqm-i.md); the 14 images of the test below differ by ≤ 0.028, mean 0.0034.
+# The bounds: the largest single difference seen on the 315 images, and 2.5× their mean difference.
+BF16_MAX_DIFF = 0.06
+BF16_MEAN_DIFF = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,8 @@ def test_bfloat16_autocast_on_cpu_agrees_with_float32():
     assert scorer.runtime == "torch"  # 'auto' does not pick the float32 ONNX graph for bf16
     bf16 = np.array([r.quality for r in scorer.score_pixels(images)])
     diff = np.abs(fp32 - bf16)
-    assert 0 < diff.max() <= BF16_TOLERANCE  # > 0: autocast really ran in bf16
+    assert 0 < diff.max() <= BF16_MAX_DIFF  # > 0: autocast really ran in bf16
+    assert diff.mean() <= BF16_MEAN_DIFF
     assert ((bf16 >= 0) & (bf16 <= 1)).all()
 
 
