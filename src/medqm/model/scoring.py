@@ -432,8 +432,9 @@ class Scorer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
 
-    def _forward(self, batch, heatmaps: bool) -> dict[str, np.ndarray]:
-        """One forward pass over a (B, 3, S, S) float32 batch (numpy or a CPU tensor, pinned for CUDA)."""
+    def forward(self, batch, *, heatmaps: bool = False) -> dict[str, np.ndarray]:
+        """The runtime alone: one forward pass over letterboxed (B, 3, S, S) float32 inputs (numpy, or a CPU tensor,
+        pinned when bound for a GPU) → score, gates, expert_scores (+ heatmap) as float32 arrays."""
         import torch
 
         if self._onnx is not None:
@@ -454,7 +455,7 @@ class Scorer:
         return group, (batch.pin_memory() if self._pin else batch)
 
     def _results(self, group: list[PreparedImage], batch, heatmaps: bool) -> list[QualityScore]:
-        out = self._forward(batch, heatmaps)
+        out = self.forward(batch, heatmaps=heatmaps)
         results = []
         for j, p in enumerate(group):
             hm = heatmap_to_image(out["heatmap"][j], p.box) if "heatmap" in out else None
