@@ -63,6 +63,9 @@ def test_workers_give_the_same_rows_scores_and_heatmaps_as_the_single_threaded_p
     # the overlays are drawn from the pixels that came back from the workers: byte-identical files
     for a, b in zip(single.heatmap.dropna(), parallel.heatmap.dropna(), strict=True):
         assert Path(a).name == Path(b).name and Path(a).read_bytes() == Path(b).read_bytes()
+    # without heatmaps the workers keep the pixels (only shapes travel): the same table
+    lean = Scorer(checkpoint, runtime="torch", batch_size=3, workers=2).score_files([mixed_folder])
+    pd.testing.assert_frame_equal(single.drop(columns="heatmap"), lean.drop(columns="heatmap"))
 
 
 def test_shared_memory_items_unpack_to_what_prepare_file_gives(mixed_folder):
@@ -81,6 +84,16 @@ def test_shared_memory_items_unpack_to_what_prepare_file_gives(mixed_folder):
         np.testing.assert_array_equal(g.input, w.input)
         np.testing.assert_array_equal(g.image.pixels, w.image.pixels)
         assert g.box == w.box and g.image.id == w.image.id and g.image.modality == w.image.modality
+
+
+def test_items_without_pixels_keep_the_shapes_and_metadata(mixed_folder):
+    files = list(walk_image_files(mixed_folder))
+    items = unpack_prepared(PreparedFiles(files, IMG, files_per_item=6, pixels=False)[0])
+    want = [p for f in files for p in prepare_file(f, IMG)]
+    for g, w in zip(items, want, strict=True):
+        if isinstance(w, PreparedImage):
+            assert g.image.shape == w.image.shape and g.image.id == w.image.id and not g.image.pixels.any()
+            np.testing.assert_array_equal(g.input, w.input)
 
 
 def test_iter_files_with_workers_can_be_left_early(checkpoint, mixed_folder):

@@ -152,16 +152,19 @@ class PreparedFiles:
     Each item travels as three tensors in shared memory (the grey inputs as one channel, the colour inputs, and
     all pixels in one flat buffer) plus small metadata: no pickling of pixel arrays, no file descriptor per
     image, a third of the bytes for grey images. `unpack_prepared` turns it back into `prepare_file` lists.
+    With ``pixels=False`` the images' own pixels stay in the worker (a score table needs only their shape):
+    the `MedImage` that comes back holds a read-only zero view of the right shape instead.
     """
 
     def __init__(self, files: Sequence[str | os.PathLike], img_size: int, read_kwargs: dict[str, Any] | None = None,
-                 *, files_per_item: int = 1):
+                 *, files_per_item: int = 1, pixels: bool = True):
         if files_per_item < 1:
             raise ValueError(f"files_per_item must be >= 1, got {files_per_item}")
         self.files = [str(f) for f in files]
         self.img_size = img_size
         self.read_kwargs = dict(read_kwargs or {})
         self.files_per_item = files_per_item
+        self.pixels = pixels
 
     def __len__(self) -> int:
         return -(-len(self.files) // self.files_per_item)
@@ -178,7 +181,8 @@ class PreparedFiles:
         def shared(arrays):
             return torch.from_numpy(np.stack(arrays)) if arrays else None
 
-        flat = torch.from_numpy(np.concatenate([p.image.pixels.ravel() for p in ok])) if ok else None
+        flat = (torch.from_numpy(np.concatenate([p.image.pixels.ravel() for p in ok]))
+                if ok and self.pixels else None)
         records = [it if isinstance(it, ReadFailure)
                    else (it.image.pixels.shape, {k: getattr(it.image, k) for k in _IMAGE_FIELDS}, it.box)
                    for it in items]
@@ -197,7 +201,8 @@ def unpack_prepared(packed) -> list[PreparedImage | ReadFailure]:
             continue
         shape, fields, box = rec
         n = int(np.prod(shape))
-        image = MedImage(pixels=pixels[at : at + n].reshape(shape), **fields)
+        px = pixels[at : at + n].reshape(shape) if pixels is not None else np.broadcast_to(np.float32(0), shape)
+        image = MedImage(pixels=px, **fields)
         at += n
         if len(shape) == 2:  # grey: the three identical channels as a read-only view of one
             one = grey[g].numpy()
@@ -475,7 +480,7 @@ class Scorer:
             results += self._results(*self._assemble(group), heatmaps)
         return results
 
-    def _prepared(self, paths, read_kwargs: dict[str, Any]) -> Iterator[PreparedImage | ReadFailure]:
+    def _prepared(self, paths, read_kwargs: dict[str, Any], pixels: bool) -> Iterator[PreparedImage | ReadFailure]:
         """Every image under ``paths`` read and letterboxed, in file order: in this thread or in workers."""
         on_skip = read_kwargs.pop("on_skip", None)
         if self.workers == 0:
@@ -490,7 +495,7 @@ class Scorer:
         # a few files per item amortise the per-item cost (shared-memory segments, queue hops); every worker
         # still gets work when there are few files
         per_item = max(1, min(8, len(files) // (4 * self.workers)))
-        data = PreparedFiles(files, self.img_size, read_kwargs, files_per_item=per_item)
+        data = PreparedFiles(files, self.img_size, read_kwargs, files_per_item=per_item, pixels=pixels)
         loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=min(self.workers, len(data)),
                             collate_fn=_keep, prefetch_factor=4)
         for packed in loader:
@@ -513,12 +518,14 @@ class Scorer:
         if pending:
             yield self._assemble(pending)
 
-    def iter_files(self, paths, *, heatmaps: bool = False,
+    def iter_files(self, paths, *, heatmaps: bool = False, pixels: bool = True,
                    **read_kwargs) -> Iterator[tuple[MedImage | ReadFailure, QualityScore | None]]:
         """Read every image under ``paths`` (as `medqm.io.iter_images` does) and yield (image, score) pairs;
         a file that cannot be read yields (ReadFailure, None). With ``workers`` > 0 files are read in worker
-        processes and batches assembled in a background thread while the model runs; the order is the same."""
-        groups = self._groups(self._prepared(paths, read_kwargs))
+        processes and batches assembled in a background thread while the model runs; the order is the same.
+        ``pixels=False`` lets workers keep the images' pixels (the yielded images then hold a zero view of the
+        right shape): for callers that need only metadata and scores, as `score_files` without heatmaps."""
+        groups = self._groups(self._prepared(paths, read_kwargs, pixels))
         if self.workers > 0:
             groups = prefetch(groups, depth=2)
         for g in groups:
@@ -554,7 +561,8 @@ class Scorer:
         if hdir is not None:
             hdir.mkdir(parents=True, exist_ok=True)
         failed = 0
-        for n, (item, res) in enumerate(self.iter_files(paths, heatmaps=hdir is not None, **read_kwargs)):
+        for n, (item, res) in enumerate(self.iter_files(paths, heatmaps=hdir is not None, pixels=hdir is not None,
+                                                        **read_kwargs)):
             if res is None:
                 failed += 1
                 rows.append({"path": item.path, "index": None, "id": Path(item.path).name, "modality": None,
