@@ -137,8 +137,9 @@ def preprocess_rates(folder: str, img_size: int, workers: list[int], min_seconds
         while True:
             if w == 0:
                 count += sum(len(prepare_file(f, img_size)) for f in files)
-            else:  # as Scorer.iter_files sets it up
-                data = PreparedFiles(files, img_size, files_per_item=max(1, min(8, len(files) // (4 * w))))
+            else:  # as Scorer.score_files sets it up (no heatmaps: the pixels stay in the workers)
+                data = PreparedFiles(files, img_size, files_per_item=max(1, min(8, len(files) // (4 * w))),
+                                     pixels=False)
                 loader = DataLoader(data, batch_size=None, num_workers=w, collate_fn=lambda x: x, prefetch_factor=4)
                 count += sum(len(unpack_prepared(item)) for item in loader)
             if time.perf_counter() - t0 >= min_seconds:
@@ -202,7 +203,7 @@ def main() -> None:
             model = str(create_model("medqm_i").eval().save_pretrained(Path(tmp) / "medqm-i-untrained"))
         results, errors = {}, {}
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        for method in args.methods.split(","):
+        for method in filter(None, args.methods.split(",")):
             cmd = [sys.executable, __file__, "--worker", method, "--images", str(images), "--model", model,
                    "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--single", str(args.single)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -66,6 +66,11 @@ def test_workers_give_the_same_rows_scores_and_heatmaps_as_the_single_threaded_p
     # without heatmaps the workers keep the pixels (only shapes travel): the same table
     lean = Scorer(checkpoint, runtime="torch", batch_size=3, workers=2).score_files([mixed_folder])
     pd.testing.assert_frame_equal(single.drop(columns="heatmap"), lean.drop(columns="heatmap"))
+    # the default (None: one worker here, six files being more than one batch of three) gives the same table
+    auto = Scorer(checkpoint, runtime="torch", batch_size=3)
+    assert auto.workers is None
+    auto_table = auto.score_files([mixed_folder]).drop(columns="heatmap")
+    pd.testing.assert_frame_equal(single.drop(columns="heatmap"), auto_table)
 
 
 def test_shared_memory_items_unpack_to_what_prepare_file_gives(mixed_folder):

@@ -20,8 +20,9 @@ def score(
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     runtime: str = typer.Option("auto", help="auto (ONNX Runtime on CPU when installed, else PyTorch), torch or onnx."),
-    workers: int = typer.Option(0, help="Processes that read and letterbox files while the model runs (0: in the "
-                                        "calling thread)."),
+    workers: Optional[int] = typer.Option(None, help="Processes that read and letterbox files while the model runs "
+                                                     "(0: in the calling thread; default: 1 when there is more than "
+                                                     "one batch of files)."),
     dtype: str = typer.Option("float32", help="float32, or bfloat16 / float16 autocast (PyTorch runtime; float16 "
                                               "on CUDA only)."),
     window: Optional[str] = typer.Option(None,
@@ -38,7 +39,7 @@ def score(
             raise ValueError(f"--out must end in .csv, .parquet or .json, got {out.name!r}")
         from medqm.model.scoring import Scorer, write_scores
 
-        if workers < 0:
+        if workers is not None and workers < 0:
             raise ValueError(f"--workers must be >= 0, got {workers}")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
