@@ -7,8 +7,9 @@ The goal: ≥ 60 images/s batched on two CPU cores, and never slower than BRISQU
 
 ``end_to_end``: `Scorer.score_files` (what ``medqm score`` runs) on a folder of demo PNGs, reading included,
 with 0, 1 and 2 reader workers, beside the model-only rate of the same runtime (`Scorer.forward` on
-letterboxed batches) and their ratio (goal: ≥ 0.9). ``preprocess``: reading + windowing + letterboxing alone,
-in the calling thread and through the DataLoader workers the scorer uses (1, 2), and the scaling.
+letterboxed batches) and their ratio (goal: ≥ 0.9), in interleaved rounds (medians; the machine is shared).
+``preprocess``: reading + windowing + letterboxing alone, in the calling thread and through the DataLoader
+workers the scorer uses (1, 2), and the scaling.
 
     python bench/score.py [--model CKPT] [--n 64] [--threads 2] [--batch-size 32] [--folder data/demo/images]
 
@@ -93,8 +94,13 @@ def worker(method: str, images_path: str, model: str | None, threads: int, batch
 
 
 def end_to_end(runtime: str, folder: str, model: str | None, threads: int, batch_size: int, workers: list[int],
-               n_files: int, min_seconds: float) -> dict:
-    """Model-only and end-to-end (files → score table) images/s of one runtime."""
+               n_files: int, min_seconds: float, rounds: int) -> dict:
+    """Model-only and end-to-end (files → score table) images/s of one runtime.
+
+    The machine is shared, so the load drifts: each round times the model alone and then every worker count
+    right after it, and a round's fractions compare rates taken within seconds of each other. Medians over
+    the rounds are reported.
+    """
     import torch
 
     from medqm.io import walk_image_files
@@ -108,19 +114,26 @@ def end_to_end(runtime: str, folder: str, model: str | None, threads: int, batch
     first = scorers[workers[0]]
     inputs = np.stack([p.input for f in files[: 2 * batch_size] for p in prepare_file(f, first.img_size)])
     batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
-    first.forward(batches[0])  # warm-up: session creation, one-off allocations
-    model_rate = _rate(first.forward, batches, min_seconds)
-    out = {"model_only_images_per_s": round(model_rate, 1), "n_files": len(files), "workers": {}}
-    for w, scorer in scorers.items():
-        scorer.forward(batches[0])
-        count, t0 = 0, time.perf_counter()
-        while True:  # whole passes over the folder: worker start-up and the last partial batch count
-            count += len(scorer.score_files(files))
-            if time.perf_counter() - t0 >= min_seconds:
-                break
-        rate = count / (time.perf_counter() - t0)
-        out["workers"][str(w)] = {"images_per_s": round(rate, 1), "fraction_of_model": round(rate / model_rate, 3)}
-    return out
+    for scorer in scorers.values():
+        scorer.forward(batches[0])  # warm-up: session creation, one-off allocations
+    model_rates, rates, fractions = [], {w: [] for w in workers}, {w: [] for w in workers}
+    for _ in range(rounds):
+        model_rate = _rate(first.forward, batches, min_seconds)
+        model_rates.append(model_rate)
+        for w, scorer in scorers.items():
+            count, t0 = 0, time.perf_counter()
+            while True:  # whole passes over the folder: worker start-up and the last partial batch count
+                count += len(scorer.score_files(files))
+                if time.perf_counter() - t0 >= min_seconds:
+                    break
+            rate = count / (time.perf_counter() - t0)
+            rates[w].append(rate)
+            fractions[w].append(rate / model_rate)
+    return {"model_only_images_per_s": round(float(np.median(model_rates)), 1), "n_files": len(files),
+            "rounds": rounds,
+            "workers": {str(w): {"images_per_s": round(float(np.median(rates[w])), 1),
+                                 "fraction_of_model": round(float(np.median(fractions[w])), 3),
+                                 "fraction_per_round": [round(f, 3) for f in fractions[w]]} for w in workers}}
 
 
 def preprocess_rates(folder: str, img_size: int, workers: list[int], min_seconds: float) -> dict:
@@ -172,9 +185,10 @@ def main() -> None:
                     "(default: the demo collection's PNGs)")
     ap.add_argument("--e2e-runtimes", default="onnx,torch", help="runtimes timed end to end ('' to skip)")
     ap.add_argument("--workers", default="0,1,2", help="reader worker counts timed end to end")
-    ap.add_argument("--e2e-files", default="onnx:402,torch:96",
+    ap.add_argument("--e2e-files", default="onnx:402,torch:48",
                     help="files scored per pass, per runtime (eager PyTorch is slow on a CPU)")
-    ap.add_argument("--min-seconds", type=float, default=5.0)
+    ap.add_argument("--min-seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=3, help="end-to-end rounds (medians reported)")
     ap.add_argument("--e2e", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--images", default=None, help=argparse.SUPPRESS)
@@ -186,7 +200,7 @@ def main() -> None:
     n_files = {k: int(v) for k, v in (kv.split(":") for kv in args.e2e_files.split(","))}
     if args.e2e:
         print(json.dumps(end_to_end(args.e2e, args.folder, args.model, args.threads, args.batch_size, workers,
-                                    n_files.get(args.e2e, 10**9), args.min_seconds)))
+                                    n_files.get(args.e2e, 10**9), args.min_seconds, args.rounds)))
         return
     if args.folder is None:
         from medqm.io.collection import default_collection
@@ -215,7 +229,7 @@ def main() -> None:
         for runtime in filter(None, args.e2e_runtimes.split(",")):
             cmd = [sys.executable, __file__, "--e2e", runtime, "--folder", args.folder, "--model", model,
                    "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--workers", args.workers,
-                   "--e2e-files", args.e2e_files, "--min-seconds", str(args.min_seconds)]
+                   "--e2e-files", args.e2e_files, "--min-seconds", str(args.min_seconds), "--rounds", str(args.rounds)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode == 0:
                 e2e[runtime] = json.loads(r.stdout.strip().splitlines()[-1])
