@@ -366,8 +366,9 @@ class Scorer:
         workers: processes that read, window and letterbox files for `score_files` / `iter_files` while the
             model runs (a `torch.utils.data.DataLoader` over the file list; batches are assembled in a
             background thread). 0: everything in the calling thread, one file after the other. None (default):
-            1 when there is more than one batch of files and more than one CPU, else 0 (on 2 CPU cores one
-            worker lifts end-to-end scoring from about 75 % to about 95 % of the model's own rate, bench/score.py).
+            1 when there is more than one batch of files and more than one CPU, else 0 (on this project's two
+            shared cores at load ≈ 4 one worker lifted end-to-end scoring from 75 % to 95 % of the model's own
+            rate; on a busier machine less, see docs/medqm-i.md).
         dtype: ``'float32'``, or ``'bfloat16'`` / ``'float16'`` for PyTorch autocast (CUDA; bfloat16 also on
             CPU). Agreement with float32 is measured in docs/medqm-i.md.
         channels_last: NHWC activations for PyTorch (default: on for CPU, where it is about twice as fast for
