@@ -20,6 +20,11 @@ def score(
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     runtime: str = typer.Option("auto", help="auto (ONNX Runtime on CPU when installed, else PyTorch), torch or onnx."),
+    workers: Optional[int] = typer.Option(None, help="Processes that read and letterbox files while the model runs "
+                                                     "(0: in the calling thread; default: 1 when there is more than "
+                                                     "one batch of files)."),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 / float16 autocast (PyTorch runtime; float16 "
+                                              "on CUDA only)."),
     window: Optional[str] = typer.Option(None,
                                          help="Window preset (lung, soft_tissue, bone, brain, …) or CENTER,WIDTH."),
     axis: str = typer.Option("axial", help="Slicing axis for volumes: axial, coronal or sagittal."),
@@ -34,7 +39,13 @@ def score(
             raise ValueError(f"--out must end in .csv, .parquet or .json, got {out.name!r}")
         from medqm.model.scoring import Scorer, write_scores
 
-        scorer = Scorer(model, device=device, batch_size=batch_size, runtime=runtime)
+        if workers is not None and workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {workers}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if dtype != "float32" and runtime == "onnx":
+            raise ValueError(f"--dtype {dtype} needs --runtime torch (the ONNX graph is float32)")
+        scorer = Scorer(model, device=device, batch_size=batch_size, runtime=runtime, workers=workers, dtype=dtype)
         columns = (SpinnerColumn(), TextColumn("score {task.fields[done]} images, {task.fields[failed]} failed"),
                    TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:

@@ -10,7 +10,7 @@ from ._image import (
     canonical_modality,
     modality_family,
 )
-from ._reader import FORMATS, iter_images, read_image, read_images, sniff_format
+from ._reader import FORMATS, iter_images, read_image, read_images, sniff_format, walk_image_files
 from ._resize import resize_pad
 from ._volume import AXIS_NAMES, read_volume_slices
 from ._window import WINDOW_PRESETS, apply_window
@@ -26,6 +26,7 @@ __all__ = [
     "read_image",
     "read_images",
     "iter_images",
+    "walk_image_files",
     "sniff_format",
     "read_volume_slices",
     "resize_pad",

@@ -183,7 +183,13 @@ def _read_unknown(path: Path, *, index, all_frames, common) -> list[MedImage]:
     )
 
 
-def _walk(paths: Iterable[str | os.PathLike], on_skip: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def walk_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+                     on_skip: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """The files `iter_images` reads under ``paths``, in its order: folders walked recursively in sorted order
+    (hidden entries and non-image files skipped, each skipped file passed to ``on_skip``), files named
+    explicitly always kept (so a missing or bad file is reported). For parallel readers that split the list."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     for p in paths:
         p = Path(p)
         if p.is_dir():
@@ -211,9 +217,7 @@ def iter_images(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
     is passed to ``on_skip`` when given (hidden files and folders are not looked at). Other keyword
     arguments go to `read_images`.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    for f in _walk(paths, on_skip):
+    for f in walk_image_files(paths, on_skip=on_skip):
         try:
             yield from read_images(f, **kwargs)
         except MedQMReadError as e:
@@ -222,4 +226,5 @@ def iter_images(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
             yield ReadFailure(str(f), f"unexpected {type(e).__name__}: {e}")
 
 
-__all__ = ["read_images", "read_image", "iter_images", "sniff_format", "DEFAULT_MAX_PIXELS", "FORMATS"]
+__all__ = ["read_images", "read_image", "iter_images", "walk_image_files", "sniff_format", "DEFAULT_MAX_PIXELS",
+           "FORMATS"]

@@ -25,7 +25,7 @@ from pathlib import Path
 from medqm.label.bpe import train_bpe_tokenizer
 from medqm.label.chat_templates import CHAT_TEMPLATES
 
-__all__ = ["TINY_FAMILIES", "build_tiny_vlm"]
+__all__ = ["TINY_FAMILIES", "build_tiny_vlm", "QWEN2_VL_2B_DIMS", "build_qwen2_vl"]
 
 TINY_FAMILIES = ("llava", "qwen2_vl", "smolvlm")
 
@@ -266,3 +266,73 @@ def build_tiny_vlm(
     from medqm.label.hf import save_quietly
 
     return save_quietly(model, processor, out)
+
+
+# Qwen2-VL-2B-Instruct's dimensions (its config.json): a 675 M-parameter ViT with 2×2 patch merging and a 1.5 B
+# decoder with grouped-query attention and a 151,936-row vocabulary; 2.2 B parameters in all.
+QWEN2_VL_2B_DIMS = {
+    "vision_depth": 32, "vision_embed_dim": 1280, "vision_heads": 16, "vision_mlp_ratio": 4,
+    "hidden_size": 1536, "intermediate_size": 8960, "num_layers": 28, "num_heads": 12, "num_kv_heads": 2,
+    "vocab_size": 151_936, "rope_theta": 1_000_000.0,
+}
+
+
+def build_qwen2_vl(dims: dict | None = None, *, device: str = "cpu", dtype: str = "bfloat16", seed: int = 0,
+                   max_pixels: int = 28 * 28 * 1280):
+    """A randomly initialised Qwen2-VL of any size, built in memory on ``device`` → (model, processor).
+
+    For speed and memory benchmarks of models too large to build on a CPU and save (`build_tiny_vlm` writes a
+    folder): the weights are created directly on ``device`` in ``dtype``. ``dims`` overrides keys of
+    `QWEN2_VL_2B_DIMS` (default: the 2B model's shape). The processor is the real Qwen2-VL one (patch 14,
+    merge 2, ``max_pixels`` as Qwen's default) with the tiny byte-level BPE tokenizer and the ChatML template;
+    wrap both in ``medqm.label.hf.HFDiagnosticModel`` to score answers.
+    """
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    d = {**QWEN2_VL_2B_DIMS, **(dims or {})}
+    unknown = set(d) - set(QWEN2_VL_2B_DIMS)
+    if unknown:
+        raise ValueError(f"unknown dimension(s) {sorted(unknown)}; expected keys of QWEN2_VL_2B_DIMS")
+    if d["hidden_size"] % d["num_heads"] or (d["hidden_size"] // d["num_heads"]) % 16:
+        raise ValueError("hidden_size / num_heads must be a multiple of 16 (M-RoPE sections)")
+    tok = _train_tokenizer("qwen2_vl", 600)
+    patch, merge = 14, 2
+    vision = dict(depth=d["vision_depth"], embed_dim=d["vision_embed_dim"], hidden_size=d["hidden_size"],
+                  mlp_ratio=d["vision_mlp_ratio"], num_heads=d["vision_heads"], patch_size=patch,
+                  spatial_merge_size=merge, temporal_patch_size=2)
+    text = _text_kwargs(tok, d["vocab_size"], d["hidden_size"], d["num_layers"])
+    text.update(intermediate_size=d["intermediate_size"], num_attention_heads=d["num_heads"],
+                num_key_value_heads=d["num_kv_heads"], max_position_embeddings=32768)
+    half = d["hidden_size"] // d["num_heads"] // 2  # the rotary half-dimension, split temporal / height / width
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": d["rope_theta"],
+                               "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]}
+    config = Qwen2VLConfig(
+        vision_config=vision, text_config=text, tie_word_embeddings=True,
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    state = torch.random.get_rng_state()
+    default = torch.get_default_dtype()
+    try:
+        torch.manual_seed(seed)
+        torch.set_default_dtype(getattr(torch, dtype))
+        with torch.device(device):
+            model = Qwen2VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+        torch.random.set_rng_state(state)
+    pixels = {"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+    image_processor = Qwen2VLImageProcessor(size=pixels, patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    video_processor = Qwen2VLVideoProcessor(size=pixels, patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                                 chat_template=CHAT_TEMPLATES["qwen2_vl"])
+    return model.eval(), processor
