@@ -341,3 +341,26 @@ def test_per_question_monotonicity_follows_the_definition():
     assert severity_monotonicity(table)["by_answer_type"]["modality"]["mean_rho"] == pytest.approx(1.0)
     nll = severity_monotonicity(table.assign(loss="nll"))["by_answer_type"]["modality"]["mean_rho"]
     assert nll == pytest.approx(-1.0)
+
+
+def test_oracle_by_answer_type_uses_each_types_own_losses():
+    """Per answer type: the images' mean loss over that type's questions, and the leave-one-case-out oracle of it,
+    computed here by hand on a table where one type follows the level and the other is noise."""
+    from medqm.label.reliability import oracle_by_answer_type, task_losses
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in range(6):
+        for lv in (1, 2, 3):
+            noise = float(rng.random())
+            tumour = [] if c % 2 else ["tumour"]
+            rows.append({"case_id": f"c{c}", "type": "blur", "level": lv, "quality": 0.5,
+                         "answer_types": json.dumps(["modality", "modality", *tumour]),
+                         "loss_items": json.dumps([0.1 * lv, 0.1 * lv + 0.01 * c, *([noise] if tumour else [])])})
+    t = pd.DataFrame(rows)
+    losses = task_losses(t)
+    assert losses["modality"][0] == pytest.approx(0.1) and np.isnan(losses["tumour"][3])  # case c1: no tumour
+    by = oracle_by_answer_type(t)
+    assert by["modality"]["srcc"] == pytest.approx(oracle_loco(t.assign(x=-losses["modality"]), label="x")["srcc"])
+    assert by["modality"]["srcc"] > 0.7 and by["tumour"]["n_cases"] == 3 and by["tumour"]["n_images"] == 9
+    assert label_reliability(t)["oracle_loco"]["by_answer_type"].keys() == {"modality", "tumour"}

@@ -124,6 +124,37 @@ def oracle_loco(table, *, label: str = "quality") -> dict[str, Any]:
             "n_uncovered": int((~ok).sum()), "n_cases": len(set(case)), "label": label}
 
 
+def task_losses(table) -> dict[str, np.ndarray]:
+    """Per answer type, each row's mean loss over its questions of that type (NaN where it has none), from the
+    ``answer_types`` and ``loss_items`` columns (the label definition's own per-question terms); empty when
+    the table lacks them."""
+    if not {"answer_types", "loss_items"} <= set(table.columns):
+        return {}
+    rows = [(_items(a), _items(v)) for a, v in zip(table["answer_types"], table["loss_items"], strict=True)]
+    kinds = sorted({str(k) for at, _ in rows for k in at})
+    out = {k: np.full(len(rows), np.nan) for k in kinds}
+    for i, (at, v) in enumerate(rows):
+        if len(at) != len(v):
+            continue
+        for k in set(at):
+            out[str(k)][i] = float(np.mean([float(x) for a, x in zip(at, v, strict=True) if a == k]))
+    return out
+
+
+def oracle_by_answer_type(table) -> dict[str, dict[str, Any]]:
+    """`oracle_loco` of each answer type's own loss (`task_losses`, negated so that higher is better), over the
+    images that have a question of that type: how learnable a task-conditioned quality is."""
+    out = {}
+    for kind, loss in task_losses(table).items():
+        ok = ~np.isnan(loss)
+        if ok.sum() < 2:
+            continue
+        sub = table.loc[ok].assign(_task_label=-loss[ok])
+        r = oracle_loco(sub, label="_task_label")
+        out[kind] = {"srcc": r["srcc"], "n_images": r["n_images"], "n_cases": r["n_cases"]}
+    return out
+
+
 def retest_srcc(table) -> dict[str, Any] | None:
     """Spearman of D between view 0 and each other view over the distorted images; None with one view."""
     if "view_losses" not in table:
@@ -147,6 +178,9 @@ def label_reliability(table) -> dict[str, Any]:
     out: dict[str, Any] = {"severity_monotonicity": severity_monotonicity(table)}
     if "case_id" in table:
         out["oracle_loco"] = oracle_loco(table)
+        by_type = oracle_by_answer_type(table)
+        if by_type:
+            out["oracle_loco"]["by_answer_type"] = by_type
     retest = retest_srcc(table)
     if retest is not None:
         out["test_retest"] = retest
