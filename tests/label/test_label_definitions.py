@@ -354,7 +354,7 @@ def test_oracle_by_answer_type_uses_each_types_own_losses():
         for lv in (1, 2, 3):
             noise = float(rng.random())
             tumour = [] if c % 2 else ["tumour"]
-            rows.append({"case_id": f"c{c}", "type": "blur", "level": lv, "quality": 0.5,
+            rows.append({"case_id": f"c{c}", "ref_id": f"r{c}", "type": "blur", "level": lv, "quality": 0.5,
                          "answer_types": json.dumps(["modality", "modality", *tumour]),
                          "loss_items": json.dumps([0.1 * lv, 0.1 * lv + 0.01 * c, *([noise] if tumour else [])])})
     t = pd.DataFrame(rows)
