@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from medqm.label.reliability import severity_monotonicity
+from medqm.label.reliability import oracle_by_answer_type, retest_srcc, severity_monotonicity
 from medqm.metrics import CaseBootstrap, agreement, bootstrap_agreement
 
 __all__ = ["distortion_oracle", "label_reliability", "describe_reliability", "severity_monotonicity"]
@@ -79,8 +79,15 @@ def label_reliability(table, split, rows, *, n_boot: int = 1000, seed: int = 0, 
         oracle["srcc_ci"] = ci["srcc"]
     else:
         oracle.update(srcc=float("nan"), srcc_ci=None)
-    return {"distortion_oracle": oracle, "monotonicity": severity_monotonicity(table),
-            "pred": pred}
+    out = {"distortion_oracle": oracle, "monotonicity": severity_monotonicity(table), "pred": pred}
+    # properties of the whole label set, as `medqm label` writes them into reliability.json
+    retest = retest_srcc(table)
+    if retest is not None:
+        out["test_retest"] = retest
+    by_type = oracle_by_answer_type(table)
+    if by_type:
+        out["oracle_loco_by_answer_type"] = by_type
+    return out
 
 
 def describe_reliability(rel: dict[str, Any], main: str | None = None, main_srcc: float | None = None) -> list[str]:
@@ -118,4 +125,13 @@ def describe_reliability(rel: dict[str, Any], main: str | None = None, main_srcc
         if m["mean_rho"] < 0.6:
             out.append("The labeller reacts erratically to severity: expect a low ceiling for any blind model on "
                        "these labels, whatever its design.")
+    rt = rel.get("test_retest")
+    if rt and rt.get("flip") is not None and np.isfinite(rt["flip"]):
+        out.append(f"Test–retest: the loss measured on the mirrored images (answers mirrored) agrees with the loss on "
+                   f"the originals at Spearman {rt['flip']:.3f} over {rt['n_images']} distorted images (all cases).")
+    by = rel.get("oracle_loco_by_answer_type") or {}
+    if by:
+        out.append("Per question type, the same oracle (leave one case out, all cases) on that type's own loss: "
+                   + ", ".join(f"{k} {v['srcc']:.2f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]["srcc"]))
+                   + ".")
     return out
