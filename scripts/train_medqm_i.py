@@ -9,8 +9,8 @@ held-out cases and above every ablation). All models share the first model's spl
 cached backbone features, so the ablations cost only their head training.
 
 ``--install-default`` copies the full model into the package (src/medqm/model/checkpoints/medqm-i-demo) with
-an ONNX export and a model card naming the labels it was trained on; it refuses labels made by a random
-tiny test model (model_id starting with "tiny") unless ``--force``.
+a model card naming the labels it was trained on (no ONNX export: scoring exports it once into the cache); it
+refuses labels made by a random tiny test model (model_id starting with "tiny") unless ``--force``.
 """
 
 from __future__ import annotations
@@ -119,9 +119,8 @@ def install_from(ckpt: Path, labels: str) -> Path:
 
 
 def install(src: Path, summary: dict) -> Path:
-    """Copy a trained checkpoint into the package as the default, with its ONNX export and a model card."""
-    from medqm.model.onnx import save_onnx
-
+    """Copy a trained checkpoint into the package as the default, with a model card (the ONNX export is made
+    and cached on first use, not shipped)."""
     dst = CHECKPOINT_DIR / DEFAULT_CHECKPOINT
     if dst.exists():
         shutil.rmtree(dst)
@@ -129,8 +128,7 @@ def install(src: Path, summary: dict) -> Path:
     for name in CHECKPOINT_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    model = MedQMI.from_pretrained(dst)
-    save_onnx(model, dst)
+    MedQMI.from_pretrained(dst)  # loads: the copy is a whole checkpoint
     r = summary["models"]["medqm_i"]
     (dst / "MODEL_CARD.md").write_text(
         "# MedQM-I default checkpoint (medqm-i-demo)\n\n"
