@@ -40,6 +40,9 @@ def train(
                                                              "(default 50)."),
     task_weight: Optional[float] = typer.Option(None, help="Weight of the per-task losses beside the overall loss "
                                                            "(default 0.5)."),
+    task_refit_epochs: Optional[int] = typer.Option(None, help="After training, refit the task heads alone on the "
+                                                               "best epoch's representation for up to this many "
+                                                               "epochs (default 40; 0: no refit)."),
 ):
     """Train MedQM-I on a label set; prints per-epoch metrics and the held-out-case SRCC."""
     import dataclasses
@@ -51,7 +54,8 @@ def train(
         cli = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience, "seed": seed,
                "split_file": str(split) if split else None, "device": device,
                "cache_dir": str(cache) if cache else None,
-               "max_images": max_images, "task_min_images": task_min_images, "task_weight": task_weight}
+               "max_images": max_images, "task_min_images": task_min_images, "task_weight": task_weight,
+               "task_refit_epochs": task_refit_epochs}
         if tasks is not None:
             names = [t.strip() for t in tasks.split(",") if t.strip()]
             cli["tasks"] = [] if names in ([], ["none"]) else names

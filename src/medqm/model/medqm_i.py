@@ -82,7 +82,8 @@ class MedQMIConfig:
         top_k: experts used per image with ``'noisy_topk'``.
         drop_rate: dropout before the head.
         tasks: answer types (e.g. ``'tumour'``, ``'modality'``) with their own quality output beside the overall
-            one: a linear map of the same fused representation per task, through a sigmoid (``task_scores``).
+            one (``task_scores``): per task, σ(logit(overall quality) + a linear map of the fused representation the
+            overall head reads), the linear map starting at zero (every task starts at the overall quality).
             Empty (the default, and every checkpoint written before tasks existed): the overall quality only.
     """
 
@@ -423,9 +424,12 @@ class MedQMI(nn.Module):
             self.head = GatedMoE(D, cfg.num_experts, cfg.expert_hidden, cfg.gating, cfg.top_k)
         else:
             self.head = RegressionHead(D, cfg.expert_hidden)
-        # one linear head per task (the rows of one Linear); absent without tasks, so checkpoints written before
-        # tasks existed keep their exact state dict
+        # one linear head per task (the rows of one Linear), a correction to the overall quality's logit; absent
+        # without tasks, so checkpoints written before tasks existed keep their exact state dict
         self.task_head = nn.Linear(D, len(cfg.tasks)) if cfg.tasks else None
+        if self.task_head is not None:  # start every task at the overall quality
+            nn.init.zeros_(self.task_head.weight)
+            nn.init.zeros_(self.task_head.bias)
         self._backbone_frozen = False
 
     # ----------------------------------------------------------------------------- stages
@@ -507,8 +511,19 @@ class MedQMI(nn.Module):
         score, gates, balance, experts = self.head(x)
         out = {"score": score, "gates": gates, "balance_loss": balance, "expert_scores": experts}
         if self.task_head is not None:
-            out["task_scores"] = torch.sigmoid(self.task_head(x))  # B, T
+            out["task_scores"] = self.task_scores(x, score)
         return out
+
+    def task_scores(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The per-task qualities (B, T) from the head's input ``x`` (B, D) and the overall quality ``score`` (B,).
+
+        Task t: σ(logit(score) + w_t·x + b_t). The overall quality enters detached, so the task losses never move
+        the overall head; what a task learns is how far its quality departs from the average.
+        """
+        if self.task_head is None:
+            raise ValueError("this model has no tasks (MedQMIConfig.tasks is empty)")
+        base = torch.logit(score.detach().float().clamp(1e-6, 1 - 1e-6)).to(x.dtype)
+        return torch.sigmoid(base.unsqueeze(-1) + self.task_head(x))
 
     def forward(self, x: torch.Tensor | None = None, *, backbone_features: list[torch.Tensor] | None = None,
                 return_heatmap: bool = False) -> dict[str, torch.Tensor]:

@@ -71,6 +71,10 @@ class TrainConfig:
             only, as before tasks existed).
         task_min_images: see ``tasks``.
         task_weight: weight of the per-task loss terms beside the overall loss.
+        task_refit_epochs: after training, the task heads alone are refitted for up to this many epochs on the best
+            epoch's representation (computed once; the rest of the model, the overall quality included, stays as
+            it is), keeping the head with the best mean validation task SRCC, the jointly trained one included;
+            0: no refit. Early stopping as for training (``patience``).
     """
 
     labels: str
@@ -99,6 +103,7 @@ class TrainConfig:
     tasks: list[str] | None = None
     task_min_images: int = 50
     task_weight: float = 0.5
+    task_refit_epochs: int = 40
 
     def __post_init__(self):
         if self.mode not in ("frozen", "finetune"):
@@ -119,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"task_min_images must be >= 1, got {self.task_min_images}")
         if not (self.task_weight >= 0 and math.isfinite(self.task_weight)):
             raise ValueError(f"task_weight must be a finite number >= 0, got {self.task_weight}")
+        if self.task_refit_epochs < 0:
+            raise ValueError(f"task_refit_epochs must be >= 0, got {self.task_refit_epochs}")
 
 
 @dataclass
@@ -246,8 +253,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = print,
     if rank == 0:
         run.model.load_state_dict(best.state)
         run.model.to(device)
+        refit = _refit_task_heads(run)
         if len(run.parts["test"]):
             result_test = _test(run)
+        if refit:
+            result_test["task_refit"] = refit
         _save(run, best, result_test, len(history))
     if run.distributed:
         torch.distributed.barrier()
@@ -436,6 +446,87 @@ def _predict(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
             if run.tasks:
                 tasks[bi] = o["task_scores"].float().cpu().numpy()
     return preds[idx], gates[idx], tasks[idx]
+
+
+def _fused(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head's input (rows × D, eval mode: no dropout) and the overall quality of the rows ``idx``, indexed by
+    row like ``run.rows``."""
+    import torch
+
+    model, n = run.model, len(run.rows)
+    model.eval()
+    fused, score = np.zeros((n, model.cfg.embed_dim), np.float32), np.zeros(n, np.float32)
+    with torch.inference_mode():
+        for bi, x in _batches(run, idx, shuffle=False):
+            if run.frozen:
+                f = model.forward_features(backbone_features=[t.to(run.device) for t in run.cache.load(run.keys[bi])])
+            else:
+                f = model.forward_features(x.to(run.device))
+            fused[bi] = f["fused"].float().cpu().numpy()
+            score[bi] = model.forward_head(f["fused"])["score"].float().cpu().numpy()
+    return fused, score
+
+
+def _refit_task_heads(run: _Run) -> dict[str, Any] | None:
+    """Rank 0, after the best weights are back: refit the task heads alone on that epoch's representation.
+
+    The joint training picks its best epoch by the overall SRCC, often before the task heads have learned much.
+    Here the head's input and the overall quality are computed once for the training and validation rows; the
+    task heads (nothing else) then train on them with the masked task loss (AdamW at ``lr``, seeded order), and
+    the head with the best mean validation task SRCC is kept, the jointly trained one included. None when the
+    model has no tasks or ``task_refit_epochs`` is 0.
+    """
+    import torch
+
+    from .losses import QualityLoss
+
+    cfg, model = run.cfg, run.model
+    if not run.tasks or not cfg.task_refit_epochs:
+        return None
+    t0 = time.perf_counter()
+    has_val = len(run.parts["val"]) >= 3
+    train_idx, eval_idx = run.parts["train"], run.parts["val"] if has_val else run.parts["train"]
+    fused_np, score_np = _fused(run, np.concatenate([train_idx, run.parts["val"]]))
+    fused, score = torch.from_numpy(fused_np).to(run.device), torch.from_numpy(score_np).to(run.device)
+    targets = torch.from_numpy(run.task_targets).to(run.device)
+    head = model.task_head
+    criterion = QualityLoss(**{**cfg.loss, "w_task": 1.0})
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def mean_eval_srcc() -> tuple[float, dict[str, float]]:
+        with torch.no_grad():
+            pred = model.task_scores(fused[eval_idx], score[eval_idx]).cpu().numpy()
+        per = {t: m["srcc"] for t, m in task_correlations(pred, run.task_targets[eval_idx], run.tasks).items()}
+        ok = [v for v in per.values() if np.isfinite(v)]
+        return (float(np.mean(ok)) if ok else -math.inf), per
+
+    best_srcc, best_per = mean_eval_srcc()
+    best_state, best_epoch, stale, epoch = copy.deepcopy(head.state_dict()), 0, 0, 0
+    start = best_srcc
+    for epoch in range(1, cfg.task_refit_epochs + 1):
+        order = train_idx.copy()
+        np.random.default_rng(cfg.seed + 7919 * epoch).shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            b = torch.from_numpy(order[i : i + cfg.batch_size]).to(run.device)
+            loss = criterion.task_loss(model.task_scores(fused[b], score[b]), targets[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        srcc, per = mean_eval_srcc()
+        if srcc > best_srcc:
+            best_srcc, best_per, best_epoch, stale = srcc, per, epoch, 0
+            best_state = copy.deepcopy(head.state_dict())
+        else:
+            stale += 1
+            if cfg.patience and stale >= cfg.patience:
+                break
+    head.load_state_dict(best_state)
+    which = "val" if has_val else "train"
+    run.say(f"task heads refitted: mean {which} task SRCC {start:.4f} (joint training) -> {best_srcc:.4f} "
+            f"(refit epoch {best_epoch} of {epoch}), {time.perf_counter() - t0:.1f} s")
+    return {"epochs_run": epoch, "best_epoch": best_epoch, "on": which,
+            "mean_srcc_before": start if math.isfinite(start) else None,
+            "mean_srcc_after": best_srcc if math.isfinite(best_srcc) else None, "srcc": best_per}
 
 
 def task_correlations(pred: np.ndarray, target: np.ndarray, tasks: list[str]) -> dict[str, dict[str, float]]:
