@@ -147,7 +147,10 @@ class MedQMIConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out_indices"] = list(self.out_indices)
-        d["tasks"] = list(self.tasks)
+        if self.tasks:
+            d["tasks"] = list(self.tasks)
+        else:  # a model without tasks writes the config it wrote before tasks existed (same ONNX export digest)
+            del d["tasks"]
         return d
 
     @classmethod
