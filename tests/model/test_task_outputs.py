@@ -124,6 +124,7 @@ def test_cli_score_writes_the_task_columns(task_checkpoint, tmp_path, suffix):
                         "--model", str(d), "--runtime", "torch", "--workers", "0"],
                        capture_output=True, text=True, env=ENV, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "mean quality per task: tumour" in r.stdout
     df = pd.read_csv(out) if suffix == ".csv" else pd.DataFrame(json.loads(out.read_text()))
     cols = list(df.columns)
     assert cols[cols.index("quality") + 1 : cols.index("quality") + 3] == ["quality_tumour", "quality_modality"]
