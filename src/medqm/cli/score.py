@@ -60,6 +60,9 @@ def score(
     ok = df[df.error == ""]
     console.print(f"{len(ok)} images scored, {len(df) - len(ok)} failed → {out}"
                   + (f" (mean quality {ok.quality.mean():.3f})" if len(ok) else ""), highlight=False)
+    if len(ok) and scorer.tasks:
+        console.print("mean quality per task: " + ", ".join(f"{t} {ok[f'quality_{t}'].mean():.3f}"
+                                                           for t in scorer.tasks), highlight=False)
     for _, r in df[df.error != ""].head(10).iterrows():
         console.print(f"[red]✗[/red] {escape(str(r.path))}: {escape(str(r.error))}", highlight=False)
     if heatmaps is not None and len(ok):

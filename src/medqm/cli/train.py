@@ -33,6 +33,16 @@ def train(
     cache: Optional[Path] = typer.Option(None, help="Backbone feature cache "
                                                     "(default ~/.cache/medqm/features or $MEDQM_CACHE)."),
     max_images: Optional[int] = typer.Option(None, help="Use a random subset of this many images (quick runs)."),
+    tasks: Optional[str] = typer.Option(None, help="Answer types that get their own quality output, comma-separated "
+                                                   "(e.g. tumour,modality), or 'none'; default: every answer type "
+                                                   "with at least --task-min-images labelled images."),
+    task_min_images: Optional[int] = typer.Option(None, help="Labelled images an answer type needs to become a task "
+                                                             "(default 50)."),
+    task_weight: Optional[float] = typer.Option(None, help="Weight of the per-task losses beside the overall loss "
+                                                           "(default 0.5)."),
+    task_refit_epochs: Optional[int] = typer.Option(None, help="After training, refit the task heads alone on the "
+                                                               "best epoch's representation for up to this many "
+                                                               "epochs (default 40; 0: no refit)."),
 ):
     """Train MedQM-I on a label set; prints per-epoch metrics and the held-out-case SRCC."""
     import dataclasses
@@ -44,7 +54,11 @@ def train(
         cli = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience, "seed": seed,
                "split_file": str(split) if split else None, "device": device,
                "cache_dir": str(cache) if cache else None,
-               "max_images": max_images}
+               "max_images": max_images, "task_min_images": task_min_images, "task_weight": task_weight,
+               "task_refit_epochs": task_refit_epochs}
+        if tasks is not None:
+            names = [t.strip() for t in tasks.split(",") if t.strip()]
+            cli["tasks"] = [] if names in ([], ["none"]) else names
         if fractions is not None:
             try:
                 cli["fractions"] = tuple(float(v) for v in fractions.split(","))
@@ -78,3 +92,7 @@ def train(
     console.print(f"checkpoint: {result.out} (best epoch {result.best_epoch} of {result.epochs_run}); "
                   f"held-out SRCC {o.get('srcc', float('nan')):.4f}, PLCC_raw {o.get('plcc_raw', float('nan')):.4f}",
                   highlight=False)
+    per_task = result.test.get("tasks") or {}
+    if per_task:
+        console.print("held-out SRCC per task: " + ", ".join(f"{t} {m.get('srcc', float('nan')):.4f} (n={m.get('n')})"
+                                                             for t, m in per_task.items()), highlight=False)

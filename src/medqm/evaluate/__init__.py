@@ -31,8 +31,11 @@ from .baselines import (
 from .crossval import CVConfig, CVResult, cross_validate
 from .report import HEADLINE_HEADER, design_of, headline_rows, headline_title
 from .runner import EvalConfig, EvalResult, evaluate
+from .tasks import attach_task_labels, task_metrics
 
 __all__ = [
+    "task_metrics",
+    "attach_task_labels",
     "Baseline",
     "BaselineInfo",
     "aligned_score",

@@ -330,14 +330,16 @@ def score_checkpoint(model_dir: str | os.PathLike, paths: Sequence[str], cache_d
     """MedQM-I quality of every image under a checkpoint, cached (by weights digest) and resumable.
 
     Returns a DataFrame indexed like ``paths``: ``quality`` (NaN with ``error`` set when an image fails),
-    ``expert`` (largest gate) and ``gates`` (JSON list).
+    ``quality_<task>`` for each task of the checkpoint (none without), ``expert`` (largest gate) and ``gates``
+    (JSON list).
     """
     import pandas as pd
 
-    from medqm.model import Scorer
+    from medqm.model import Scorer, checkpoint_info, task_column
 
     paths = [str(p) for p in paths]
-    cols = ["quality", "expert", "gates", "error"]
+    task_cols = [task_column(t) for t in checkpoint_info(model_dir).meta.get("config", {}).get("tasks") or []]
+    cols = ["quality", *task_cols, "expert", "gates", "error"]
     cache = _PartCache(Path(cache_dir) / f"model-{checkpoint_digest(model_dir)}")
     todo, found = _todo(paths, cache.load(cols), cols)
     total, done = len(paths), len(paths) - len(todo)
@@ -360,11 +362,13 @@ def score_checkpoint(model_dir: str | os.PathLike, paths: Sequence[str], cache_d
 
 
 def _score_model_batch(scorer, batch: Sequence[str]) -> list[dict]:
+    from medqm.model import task_column
+
     imgs, recs = [], []
     for p in batch:
         size, mtime = _file_key(p)
         rec = {"path": p, "size": size, "mtime_ns": mtime, "quality": float("nan"), "expert": -1, "gates": "",
-               "error": ""}
+               "error": "", **{task_column(t): float("nan") for t in scorer.tasks}}
         try:
             imgs.append((rec, read_image(p)))
         except MedQMReadError as e:
@@ -373,6 +377,7 @@ def _score_model_batch(scorer, batch: Sequence[str]) -> list[dict]:
     if imgs:
         for rec, res in zip((r for r, _ in imgs), scorer.score_pixels([im for _, im in imgs]), strict=True):
             rec["quality"] = float(res.quality)
+            rec.update({task_column(t): v for t, v in res.tasks.items()})
             rec["expert"] = int(res.expert)
             rec["gates"] = json.dumps([round(float(g), 6) for g in res.gates])
     return recs

@@ -56,6 +56,7 @@ from .runner import (
     significance,
     write_metrics_json,
 )
+from .tasks import attach_task_labels, task_metrics
 
 DEFAULT_MODELS = ("medqm_i", "medqm_i_no_priors", "medqm_i_no_queries", "medqm_i_single_head", "medqm_i_baseline")
 # Display names in the report (the same as `medqm demo`'s); a variant not listed is shown by its registered name.
@@ -381,17 +382,21 @@ def _score(cfg: CVConfig, out: Path, rows, progress: Progress | None) -> list[Me
     fold = rows["fold"].to_numpy()
     for model in cfg.models:
         raw = np.full(len(rows), np.nan)
+        tasks: dict[str, np.ndarray] = {}
         for i in sorted(set(fold.tolist())):
             ckpt = out / f"fold-{i}" / model
-            pred = pd.read_csv(ckpt / "test_predictions.csv", usecols=["path", "pred"])
-            by_path = dict(zip(pred["path"].astype(str), pred["pred"].astype(float), strict=True))
+            pred = pd.read_csv(ckpt / "test_predictions.csv")
             sel = np.flatnonzero(fold == i)
-            raw[sel] = [by_path.get(p, np.nan) for p in rows["path"].to_numpy()[sel]]
+            at = pd.Index(pred["path"].astype(str)).get_indexer(rows["path"].astype(str).to_numpy()[sel])
+            raw[sel] = _take(pred["pred"], at)
+            if model == cfg.main:  # the per-task outputs (pred_<task>) of the evaluated model
+                for c in (c for c in pred.columns if c.startswith("pred_")):
+                    tasks.setdefault(c[len("pred_"):], np.full(len(rows), np.nan))[sel] = _take(pred[c], at)
         kind = "main" if model == cfg.main else ("ablation" if variant_kind(model) == "ablation" else "deep")
         source = {"variant": model, "split_verified": True, "n_failed": int(np.isnan(raw).sum()),
                   "checkpoints": [str((out / f"fold-{i}" / model).resolve()) for i in sorted(set(fold.tolist()))],
                   "trained_per_fold": True}
-        methods.append(Method(cfg.display[model], kind, raw, False, source))
+        methods.append(Method(cfg.display[model], kind, raw, False, source, tasks))
     base = score_baselines(rows["path"].tolist(), cfg.baselines, out / "cache", workers=cfg.workers,
                            progress=progress)
     for b in cfg.baselines:
@@ -399,6 +404,12 @@ def _score(cfg: CVConfig, out: Path, rows, progress: Progress | None) -> list[Me
         methods.append(Method(b, "classical", base[b].to_numpy(dtype=np.float64), bi.lower_better,
                               {"description": bi.description, "n_failed": int(base[b].isna().sum())}))
     return methods
+
+
+def _take(column, at: np.ndarray) -> np.ndarray:
+    """``column`` (a Series) at the positions ``at``, NaN where ``at`` is -1 (a row the file does not hold)."""
+    v = column.to_numpy(dtype=np.float64)
+    return np.where(at >= 0, v[np.maximum(at, 0)] if v.size else np.nan, np.nan)
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -426,8 +437,10 @@ def _measure(cfg: CVConfig, table, splits: list, rows, methods: list[Method]) ->
     reliability["text"] = describe_reliability(reliability, cfg.name, per[cfg.name]["overall"].get("srcc"))
     reliability["distortion_oracle"]["per_fold"] = True
     curves = severity_curves(by_name, rows, ("niqe", "brisque", cfg.name))
+    main = by_name[cfg.name]
+    tasks = task_metrics(methods, attach_task_labels(rows, table, list(main.tasks)), cfg)
     return {"per": per, "significance": sig, "alignment": alignment, "label_reliability": reliability,
-            "severity_curves": curves, "per_fold": _per_fold(methods, rows, oracle)}
+            "severity_curves": curves, "per_fold": _per_fold(methods, rows, oracle), "tasks": tasks}
 
 
 def _drop(test: dict[str, Any]) -> dict[str, Any]:
@@ -509,6 +522,7 @@ def _assemble(cfg: CVConfig, out: Path, table, splits: list, rows, dropped: dict
         "label_reliability": measured["label_reliability"],
         "severity_curves": measured["severity_curves"],
         "gate": measured.get("gate"),
+        "tasks": measured.get("tasks"),
         "training": training,
         "timing": timing,
     }

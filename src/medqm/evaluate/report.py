@@ -404,6 +404,41 @@ def fig_risk_coverage(metrics: dict) -> bytes | None:
     return _png(fig)
 
 
+TASK_HEADER = ["task (answer type)", "images", "cases", "task output SRCC [CI]", "overall quality SRCC [CI]",
+               "task − overall (p)", "best classical SRCC"]
+
+
+def task_rows(metrics: dict) -> list[list[str]]:
+    """The task-conditioned quality table: per answer type, the main model's task output and its overall quality
+    against the task's labels (on the images that have the task), the paired test of the two, the best classical."""
+    sec = metrics.get("tasks") or {}
+    classical = {n for n, m in metrics.get("methods", {}).items() if m.get("kind") == "classical"}
+    rows = []
+    for t, e in (sec.get("by_task") or {}).items():
+        if e.get("srcc") is None and "note" in e:
+            rows.append([t, str(e.get("n_images", 0)), str(e.get("n_cases", 0)), e["note"], "–", "–", "–"])
+            continue
+        ov = e.get("overall_output") or {}
+        d = e.get("task_vs_overall") or {}
+        cl = {n: v for n, v in (e.get("other_methods_srcc") or {}).items()
+              if n in classical and v is not None and np.isfinite(v)}
+        best = max(cl, key=cl.get) if cl else None
+        rows.append([t, str(e.get("n_images", 0)), str(e.get("n_cases", 0)), _ci(e.get("srcc"), e.get("srcc_ci")),
+                     _ci(ov.get("srcc"), ov.get("srcc_ci")),
+                     f"{_f(d.get('diff'))} ({_p(d.get('p'))})" if d else "–",
+                     f"{_f(cl[best])} ({display(best)})" if best else "–"])
+    return rows
+
+
+def task_note(metrics: dict) -> str:
+    sec = metrics.get("tasks") or {}
+    return (f"{sec.get('method', 'The model')}'s quality per answer type against that type's own label (the quality "
+            "map of the mean diagnostic loss of the image's questions of that type), on the test images that have "
+            "such a question; 95 % case-bootstrap intervals. “Overall quality” ranks the same labels with the "
+            "model's single overall score; “task − overall” is the paired case-bootstrap test of the SRCC "
+            "difference.")
+
+
 def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
     main = metrics["significance"]["reference"]
     lines = [f"# MedQM evaluation: {main} vs classical and deep BIQA", ""]
@@ -413,6 +448,9 @@ def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
         lines += ["## How learnable are these labels?", ""] + [f"- {t}" for t in reliability_text(metrics)] + [""]
     lines += ["## Significance", "", _significance_text(metrics), "",
               _md_table(SIG_HEADER, significance_rows(metrics)), ""]
+    if task_rows(metrics):
+        lines += ["## Task-conditioned quality", "", task_note(metrics), "", _md_table(TASK_HEADER, task_rows(metrics)),
+                  ""]
     lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
     lines += [f"- {t}" for t in metrics["alignment"]["text"]]
     h, r = group_table(metrics, "by_modality")
@@ -464,7 +502,11 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
         s += ["<h2>How learnable are these labels?</h2>",
               "<ul class='text'>" + "".join(f"<li>{para(t)}</li>" for t in reliability_text(metrics)) + "</ul>"]
     s += ["<h2>Significance</h2>", f"<p>{para(_significance_text(metrics))}</p>",
-         _html_table(SIG_HEADER, significance_rows(metrics)),
+         _html_table(SIG_HEADER, significance_rows(metrics))]
+    if task_rows(metrics):
+        s += ["<h2>Task-conditioned quality</h2>", f"<p class='note'>{html.escape(task_note(metrics))}</p>",
+              _html_table(TASK_HEADER, task_rows(metrics))]
+    s += [
          "<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>",
          "<p class='note'>Human-perception BIQA metrics (NIQE, BRISQUE, PIQE; sign-flipped so that higher = better) "
          "against the labels on the same test images. The sentences below are generated from the numbers.</p>",
@@ -645,6 +687,9 @@ def write_cv_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> Non
         lines += ["## How learnable are these labels?", ""] + [f"- {t}" for t in reliability_text(metrics)] + [""]
     lines += ["## Significance (pooled)", "", _significance_text(metrics), ""]
     lines += [f"- {t}" for t in versus_text(metrics)] + ["", _md_table(SIG_HEADER, significance_rows(metrics)), ""]
+    if task_rows(metrics):
+        lines += ["## Task-conditioned quality (pooled)", "", task_note(metrics), "",
+                  _md_table(TASK_HEADER, task_rows(metrics)), ""]
     if ablation_rows(metrics):
         lines += ["## Ablations (pooled)", "", _md_table(ABLATION_HEADER, ablation_rows(metrics)), ""]
     lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
@@ -688,6 +733,9 @@ def write_cv_html(metrics: dict, path: Path, pngs: dict[str, bytes]) -> None:
         s += ["<h2>How learnable are these labels?</h2>", ul(reliability_text(metrics))]
     s += ["<h2>Significance (pooled)</h2>", f"<p>{html.escape(_significance_text(metrics))}</p>",
           ul(versus_text(metrics)), _html_table(SIG_HEADER, significance_rows(metrics))]
+    if task_rows(metrics):
+        s += ["<h2>Task-conditioned quality (pooled)</h2>", f"<p class='note'>{html.escape(task_note(metrics))}</p>",
+              _html_table(TASK_HEADER, task_rows(metrics))]
     if ablation_rows(metrics):
         s += ["<h2>Ablations (pooled)</h2>", _html_table(ABLATION_HEADER, ablation_rows(metrics))]
     s += ["<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>", ul(metrics["alignment"]["text"])]
@@ -738,4 +786,5 @@ def write_cv_report(metrics: dict, rows, methods, out: Path, *, all_labels: np.n
 
 
 __all__ = ["write_report", "write_cv_report", "headline_rows", "headline_title", "design_of", "HEADLINE_HEADER",
-           "per_fold_rows", "ablation_rows", "versus_text", "group_table", "ordered_methods", "display"]
+           "per_fold_rows", "ablation_rows", "versus_text", "group_table", "ordered_methods", "display", "task_rows",
+           "TASK_HEADER"]

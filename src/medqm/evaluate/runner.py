@@ -37,6 +37,7 @@ from ._scoring import (
 )
 from .baselines import baseline_info, list_baselines
 from .report import write_report
+from .tasks import attach_task_labels, task_metrics
 
 CLASSICAL_REFERENCE = ("niqe", "brisque", "piqe")  # the human-perception BIQA of the alignment study
 GROUPS = {"by_modality": "modality", "by_type": "type", "by_level": "level"}
@@ -123,6 +124,7 @@ class Method:
     raw: np.ndarray
     lower_better: bool = False
     source: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, np.ndarray] = field(default_factory=dict)  # per-task quality (MedQM-I with tasks), by answer type
 
     @property
     def aligned(self) -> np.ndarray:
@@ -255,6 +257,10 @@ def _strength(r: float) -> str:
     if a < 0.9:
         return "strong"
     return "very strong"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
 def _fmt_ci(ci) -> str:
@@ -430,8 +436,18 @@ def evaluate(cfg: EvalConfig, *, log: Say | None = print, progress: Progress | N
         say(f"quality-gate comparison ({cfg.gate_splits} case splits) in {timing['gate']:.1f} s")
 
     t = time.perf_counter()
+    main = next(m for m in methods if m.kind == "main")
+    test.rows = attach_task_labels(test.rows, table, list(main.tasks))
+    tasks = task_metrics(methods, test.rows, cfg)
+    timing["tasks"] = time.perf_counter() - t
+    if tasks:
+        say("per-task SRCC of " + cfg.name + ": " + ", ".join(
+            f"{n} {_num(e.get('srcc'))} (n={e['n_images']})" for n, e in tasks["by_task"].items()))
+
+    t = time.perf_counter()
     metrics = _assemble(cfg, table, test, compare, methods, per, sig, alignment, reliability, curves, timing)
     metrics["gate"] = gate
+    metrics["tasks"] = tasks
     gallery = heatmap_gallery(cfg.model, test.rows, n=cfg.gallery, device=cfg.device, runtime=cfg.runtime,
                               num_threads=cfg.num_threads) if cfg.gallery else []
     all_labels = table["quality"].dropna().to_numpy(dtype=np.float64)
@@ -488,7 +504,10 @@ def _score_methods(cfg: EvalConfig, paths: list[str], compare: dict[str, Path], 
         kind = "main" if is_main else ("ablation" if variant_kind(info["variant"]) == "ablation" else "deep")
         info["split_verified"] = verified[n]
         info["n_failed"] = int(scores["quality"].isna().sum())
-        methods.append(Method(n, kind, scores["quality"].to_numpy(dtype=np.float64), False, info))
+        task_cols = {c[len("quality_"):]: c for c in scores.columns if c.startswith("quality_")}
+        methods.append(Method(n, kind, scores["quality"].to_numpy(dtype=np.float64), False, info,
+                              {t: scores[c].to_numpy(dtype=np.float64) for t, c in task_cols.items()} if is_main
+                              else {}))
     timing["deep"] = time.perf_counter() - t
     say(f"MedQM-I checkpoints: {len(deep)} × {len(paths)} images in {timing['deep']:.1f} s")
     for b in cfg.baselines:

@@ -15,6 +15,7 @@ from .medqm_i import (
     Router,
     TextualPriors,
     default_cfgs,
+    task_column,
     variant_kind,
 )
 from .priors import PromptBank, embed_sentences, list_prompt_banks, load_prompt_bank
@@ -45,6 +46,7 @@ __all__ = [
     "Router",
     "ABLATIONS",
     "variant_kind",
+    "task_column",
     "default_cfgs",
     "PromptBank",
     "load_prompt_bank",

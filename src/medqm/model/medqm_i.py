@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ ARCHITECTURE = "medqm_i"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROMPTS_NAME = "prompts.txt"
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 # timm's pretrained config for tf_efficientnet_lite0 (TF "inception" normalisation)
 _BACKBONE_MEAN = (0.5, 0.5, 0.5)
@@ -79,6 +81,10 @@ class MedQMIConfig:
         gating: ``'softmax'`` (dense) or ``'noisy_topk'`` (Shazeer et al.; noise only in training).
         top_k: experts used per image with ``'noisy_topk'``.
         drop_rate: dropout before the head.
+        tasks: answer types (e.g. ``'tumour'``, ``'modality'``) with their own quality output beside the overall
+            one (``task_scores``): per task, σ(logit(overall quality) + a linear map of the fused representation the
+            overall head reads), the linear map starting at zero (every task starts at the overall quality).
+            Empty (the default, and every checkpoint written before tasks existed): the overall quality only.
     """
 
     img_size: int = 224
@@ -101,10 +107,20 @@ class MedQMIConfig:
     gating: str = "softmax"
     top_k: int = 2
     drop_rate: float = 0.1
+    tasks: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.out_indices = tuple(int(i) for i in self.out_indices)
+        if isinstance(self.tasks, str):
+            raise ValueError(f"tasks must be a list of answer types, got the string {self.tasks!r}")
+        self.tasks = tuple(self.tasks)
+        bad = [t for t in self.tasks if not isinstance(t, str) or not TASK_NAME.fullmatch(t)]
+        if bad:
+            raise ValueError(f"task names must be letters, digits, '_' or '-' (they become column names "
+                             f"quality_<task>), got {bad}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks lists an answer type twice: {list(self.tasks)}")
         if self.img_size < 32 or self.img_size % 32:
             raise ValueError(f"img_size must be a multiple of 32 and >= 32 (the backbone's stride), "
                              f"got {self.img_size}")
@@ -131,6 +147,10 @@ class MedQMIConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out_indices"] = list(self.out_indices)
+        if self.tasks:
+            d["tasks"] = list(self.tasks)
+        else:  # a model without tasks writes the config it wrote before tasks existed (same ONNX export digest)
+            del d["tasks"]
         return d
 
     @classmethod
@@ -140,6 +160,11 @@ class MedQMIConfig:
         if unknown:
             raise ValueError(f"unknown MedQM-I config keys {unknown}; this medqm ({__version__}) knows {sorted(known)}")
         return cls(**d)
+
+
+def task_column(task: str) -> str:
+    """The column (score tables, training rows) that holds the quality for one answer type: ``quality_<task>``."""
+    return f"quality_{task}"
 
 
 # --------------------------------------------------------------------------------------------------- blocks
@@ -352,8 +377,9 @@ class MedQMI(nn.Module):
 
     ``forward`` takes images (B, 3 or 1, S, S) with values in [0, 1] (letterboxed to ``img_size``; see
     `medqm.model.preprocess`) and returns a dict: ``score`` (B,) in [0, 1], ``gates`` (B, E) expert weights,
-    ``expert_scores`` (B, E), ``balance_loss`` (scalar) and, with ``return_heatmap=True``, ``heatmap``
-    (B, S, S; non-negative, each sums to 1) and ``prior_weights`` (B, P) (relevance of each prompt).
+    ``expert_scores`` (B, E), ``balance_loss`` (scalar), with ``cfg.tasks`` ``task_scores`` (B, T) (the quality
+    for each answer type, in [0, 1]) and, with ``return_heatmap=True``, ``heatmap`` (B, S, S; non-negative, each
+    sums to 1) and ``prior_weights`` (B, P) (relevance of each prompt).
 
     Args:
         cfg: the configuration.
@@ -401,6 +427,12 @@ class MedQMI(nn.Module):
             self.head = GatedMoE(D, cfg.num_experts, cfg.expert_hidden, cfg.gating, cfg.top_k)
         else:
             self.head = RegressionHead(D, cfg.expert_hidden)
+        # one linear head per task (the rows of one Linear), a correction to the overall quality's logit; absent
+        # without tasks, so checkpoints written before tasks existed keep their exact state dict
+        self.task_head = nn.Linear(D, len(cfg.tasks)) if cfg.tasks else None
+        if self.task_head is not None:  # start every task at the overall quality
+            nn.init.zeros_(self.task_head.weight)
+            nn.init.zeros_(self.task_head.bias)
         self._backbone_frozen = False
 
     # ----------------------------------------------------------------------------- stages
@@ -472,9 +504,29 @@ class MedQMI(nn.Module):
         out["fused"] = self.fuse(torch.cat(parts, dim=-1))
         return out
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The answer types with their own quality output (``task_scores`` columns, in this order)."""
+        return self.cfg.tasks
+
     def forward_head(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        score, gates, balance, experts = self.head(self.head_drop(fused))
-        return {"score": score, "gates": gates, "balance_loss": balance, "expert_scores": experts}
+        x = self.head_drop(fused)
+        score, gates, balance, experts = self.head(x)
+        out = {"score": score, "gates": gates, "balance_loss": balance, "expert_scores": experts}
+        if self.task_head is not None:
+            out["task_scores"] = self.task_scores(x, score)
+        return out
+
+    def task_scores(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The per-task qualities (B, T) from the head's input ``x`` (B, D) and the overall quality ``score`` (B,).
+
+        Task t: σ(logit(score) + w_t·x + b_t). The overall quality enters detached, so the task losses never move
+        the overall head; what a task learns is how far its quality departs from the average.
+        """
+        if self.task_head is None:
+            raise ValueError("this model has no tasks (MedQMIConfig.tasks is empty)")
+        base = torch.logit(score.detach().float().clamp(1e-6, 1 - 1e-6)).to(x.dtype)
+        return torch.sigmoid(base.unsqueeze(-1) + self.task_head(x))
 
     def forward(self, x: torch.Tensor | None = None, *, backbone_features: list[torch.Tensor] | None = None,
                 return_heatmap: bool = False) -> dict[str, torch.Tensor]:
@@ -622,6 +674,7 @@ def medqm_i_baseline(**kwargs) -> MedQMI:
     return _create_medqm_i("medqm_i_baseline", **kwargs)
 
 
-__all__ = ["MedQMI", "MedQMIConfig", "TextualPriors", "ImplicitQueries", "GatedMoE", "Router", "RegressionHead",
+__all__ = ["MedQMI", "MedQMIConfig", "task_column", "TASK_NAME",
+           "TextualPriors", "ImplicitQueries", "GatedMoE", "Router", "RegressionHead",
            "CrossAttention", "QueryBlock", "ImageTokenizer", "sincos_pos_embed_2d", "default_cfgs", "ABLATIONS",
            "create_model", "model_default_cfg"]

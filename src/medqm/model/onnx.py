@@ -2,8 +2,8 @@
 
 Eager PyTorch runs EfficientNet-Lite0 at roughly 15–30 images/s on two CPU cores; ONNX Runtime's fused
 depthwise kernels run the same graph several times faster. The exported graph takes letterboxed images
-(B, 3, S, S) in [0, 1] and returns score, gates, expert_scores and (when the model has queries) heatmap,
-equal to the PyTorch outputs within float rounding (tests/model/test_onnx.py).
+(B, 3, S, S) in [0, 1] and returns score, gates, expert_scores, (when the model has tasks) task_scores and
+(when the model has queries) heatmap, equal to the PyTorch outputs within float rounding (tests/model/test_onnx.py).
 
 Exports are cached: a checkpoint folder may carry ``model.onnx`` (+ ``model.onnx.json`` naming the weights
 it was made from); otherwise the graph is exported once into ``$MEDQM_CACHE/onnx`` (default
@@ -52,6 +52,8 @@ def _cache_dir() -> Path:
 
 def output_names(model) -> list[str]:
     names = ["score", "gates", "expert_scores"]
+    if model.cfg.tasks:
+        names.append("task_scores")
     if model.cfg.use_priors or model.cfg.use_implicit:
         names.append("heatmap")
     return names

@@ -332,7 +332,11 @@ def load_model(model=None, *, device: str = "cpu"):
 
 @dataclass
 class QualityScore:
-    """One image's score: ``quality`` in [0, 1] (higher is better), the expert gates and, on request, the heatmap."""
+    """One image's score: ``quality`` in [0, 1] (higher is better), the expert gates and, on request, the heatmap.
+
+    ``tasks`` holds the quality for each answer type the checkpoint was trained on ({'tumour': 0.83, …}; empty
+    for a checkpoint without tasks): how well the MLLM can still answer that kind of question, on the same scale.
+    """
 
     quality: float
     gates: np.ndarray
@@ -342,6 +346,7 @@ class QualityScore:
     path: str | None = None
     index: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, float] = field(default_factory=dict)
 
     @property
     def expert(self) -> int:
@@ -433,6 +438,11 @@ class Scorer:
     def heatmaps_available(self) -> bool:
         return self.model.cfg.use_priors or self.model.cfg.use_implicit
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The answer types this checkpoint scores separately (``QualityScore.tasks``, ``quality_<task>`` columns)."""
+        return tuple(self.model.cfg.tasks)
+
     def _autocast(self):
         import torch
 
@@ -442,7 +452,7 @@ class Scorer:
 
     def forward(self, batch, *, heatmaps: bool = False) -> dict[str, np.ndarray]:
         """The runtime alone: one forward pass over letterboxed (B, 3, S, S) float32 inputs (numpy, or a CPU tensor,
-        pinned when bound for a GPU) → score, gates, expert_scores (+ heatmap) as float32 arrays."""
+        pinned when bound for a GPU) → score, gates, expert_scores (+ task_scores, heatmap) as float32 arrays."""
         import torch
 
         if self._onnx is not None:
@@ -468,6 +478,8 @@ class Scorer:
         for j, p in enumerate(group):
             hm = heatmap_to_image(out["heatmap"][j], p.box) if "heatmap" in out else None
             r = QualityScore(float(out["score"][j]), out["gates"][j].copy(), out["expert_scores"][j].copy(), hm)
+            if "task_scores" in out:
+                r.tasks = {t: float(v) for t, v in zip(self.tasks, out["task_scores"][j], strict=True)}
             im = p.image
             if isinstance(im, MedImage):
                 r.id, r.path, r.index = im.id, im.path, im.index
@@ -564,13 +576,16 @@ class Scorer:
                     progress: Callable[[int, int], None] | None = None, **read_kwargs):
         """Score every image under ``paths`` into a table (pandas DataFrame), one row per image or failure.
 
-        Columns: path, index, id, modality, case_id, height, width, quality, expert, gates (JSON list),
-        heatmap (PNG path when ``heatmap_dir``), error (empty for scored images). ``progress(done, failed)``
-        is called after each row.
+        Columns: path, index, id, modality, case_id, height, width, quality, ``quality_<task>`` for each task of
+        the checkpoint (`tasks`; none without), expert, gates (JSON list), heatmap (PNG path when
+        ``heatmap_dir``), error (empty for scored images). ``progress(done, failed)`` is called after each row.
         """
         import pandas as pd
 
+        from .medqm_i import task_column
+
         rows = []
+        task_cols = [task_column(t) for t in self.tasks]
         hdir = Path(heatmap_dir) if heatmap_dir is not None else None
         if hdir is not None:
             hdir.mkdir(parents=True, exist_ok=True)
@@ -581,7 +596,8 @@ class Scorer:
                 failed += 1
                 rows.append({"path": item.path, "index": None, "id": Path(item.path).name, "modality": None,
                              "case_id": None, "height": None, "width": None, "quality": float("nan"), "expert": None,
-                             "gates": None, "heatmap": None, "error": item.reason})
+                             "gates": None, "heatmap": None, "error": item.reason,
+                             **{c: float("nan") for c in task_cols}})
             else:
                 hm_path = None
                 if hdir is not None and res.heatmap is not None:
@@ -594,11 +610,12 @@ class Scorer:
                              "case_id": item.case_id, "height": int(item.shape[0]), "width": int(item.shape[1]),
                              "quality": res.quality, "expert": res.expert,
                              "gates": json.dumps([round(float(g), 6) for g in res.gates]),
-                             "heatmap": str(hm_path) if hm_path else None, "error": ""})
+                             "heatmap": str(hm_path) if hm_path else None, "error": "",
+                             **{task_column(t): v for t, v in res.tasks.items()}})
             if progress is not None:
                 progress(len(rows) - failed, failed)
-        cols = ["path", "index", "id", "modality", "case_id", "height", "width", "quality", "expert", "gates",
-                "heatmap", "error"]
+        cols = ["path", "index", "id", "modality", "case_id", "height", "width", "quality", *task_cols, "expert",
+                "gates", "heatmap", "error"]
         df = pd.DataFrame(rows, columns=cols)
         df["index"] = df["index"].astype("Int64")
         df["expert"] = df["expert"].astype("Int64")
@@ -641,6 +658,8 @@ def score(x, *, model=None, heatmaps: bool = False, batch_size: int = 32, device
         x: a `MedImage` or an array (uint8, or float in [0, 1]; H×W or H×W×3) → one `QualityScore`;
             a list of those → a list of `QualityScore`; a path (file or folder) or a list of paths → a pandas
             DataFrame with one row per image (every frame / slice) and one per unreadable file (``error`` set).
+            A checkpoint trained with tasks adds the quality per answer type: ``QualityScore.tasks``
+            ({'tumour': 0.83, …}) and the table's ``quality_<task>`` columns.
         model: checkpoint folder (default: the checkpoint shipped with medqm).
         heatmaps: also compute where the model looked (``QualityScore.heatmap``, on the image's own grid,
             summing to 1). For paths, pass ``heatmap_dir=`` to write overlay PNGs instead.

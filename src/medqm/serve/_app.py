@@ -127,7 +127,8 @@ class _Gate:
             rule = self.cfg.gate_rule(img.modality)
             out.append(ImageResult(
                 file=name, index=img.index, modality=img.modality, height=img.shape[0], width=img.shape[1],
-                channels=3 if img.is_color else 1, quality=q, verdict=th.verdict(q), thresholds=th,
+                channels=3 if img.is_color else 1, quality=q, tasks=dict(s.score.tasks), verdict=th.verdict(q),
+                thresholds=th,
                 guarantee=_guarantee(rule, img.modality) if rule is not None else None,
                 diagnostic_loss=self.loss(q), expert=s.score.expert,
                 timing=ImageTiming(read_ms=read_ms, queue_ms=s.queue_ms, inference_ms=s.inference_ms,
@@ -143,7 +144,8 @@ class _Gate:
             model_id=self.model_id, checkpoint=str(self.checkpoint), architecture=self.meta.get("architecture"),
             medqm_version=self.meta.get("medqm_version"), num_params=self.meta.get("num_params"),
             img_size=self.scorer.img_size, runtime=self.scorer.runtime, device=str(self.scorer.device),
-            heatmaps=self.scorer.heatmaps_available, config=self.meta.get("config", {}), trained_on=self.trained_on,
+            heatmaps=self.scorer.heatmaps_available, tasks=list(self.scorer.tasks), config=self.meta.get("config", {}),
+            trained_on=self.trained_on,
             quality_map=self.quality_map.to_dict(), thresholds=cfg.thresholds,
             modality_thresholds=cfg.modality_thresholds, limits=cfg.limits, batching=cfg.batching,
             gate=self.gate_card,

@@ -51,6 +51,10 @@ class ImageResult(BaseModel):
     width: int
     channels: int
     quality: float = Field(description="MedQM-I quality in [0, 1]; higher is better")
+    tasks: dict[str, float] = Field(default_factory=dict, description="quality in [0, 1] per answer type the "
+                                    "checkpoint was trained on (e.g. {\"tumour\": 0.83, \"modality\": 0.91}): how "
+                                    "well the MLLM can still answer that kind of question; empty for a checkpoint "
+                                    "without tasks. The verdict uses the overall quality only")
     verdict: Verdict
     thresholds: Thresholds = Field(description="the thresholds the verdict used (per modality when configured; "
                                    "pass_min from the gate when one is loaded)")
@@ -112,6 +116,8 @@ class ModelCard(BaseModel):
     runtime: str
     device: str
     heatmaps: bool
+    tasks: list[str] = Field(default_factory=list, description="answer types with their own quality in each "
+                             "result's 'tasks' (empty: overall quality only)")
     config: dict[str, Any]
     trained_on: dict[str, Any] | None
     quality_map: dict[str, Any]

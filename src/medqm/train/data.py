@@ -1,4 +1,11 @@
-"""Training data: the label table as training rows, and the cache of frozen-backbone features.
+"""Training data: the label table as training rows (with per-task targets), and the cache of frozen-backbone features.
+
+Per-task targets: a label row holds, per question, its answer type (``answer_types``) and its diagnostic loss
+(``loss_items``, nats, averaged over views); the row's ``diag_loss`` is their mean and its ``quality`` the
+quality map of that. For an answer type t the task target is the same map applied to the mean loss of the
+row's questions of type t, Q_t = σ((c − mean_{j: type j = t} D_j) / s), NaN when the row has no question of
+type t (`task_qualities`). The tasks of a model are the answer types with enough labelled images
+(`select_tasks`).
 
 In frozen-backbone mode (the CPU default) every image goes through the backbone once; its multi-scale
 feature maps are stored as float16 ``.npy`` files keyed by the SHA-256 of the image file's bytes, under a
@@ -11,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +32,7 @@ from medqm.io import MedQMReadError, read_image
 
 PREPROCESS_VERSION = 1  # bump when `medqm.model.preprocess` changes what the backbone sees
 TRAIN_COLUMNS = ("path", "quality", "case_id", "modality", "type", "level", "ref_id", "dist_id")
+MIN_TASK_IMAGES = 50  # an answer type becomes a task of the model with at least this many labelled images
 
 
 def default_cache_dir() -> Path:
@@ -30,16 +40,111 @@ def default_cache_dir() -> Path:
     return cache_dir("features")
 
 
+def _json_list(value) -> list | None:
+    """A list cell of the label table (JSON text, or a list / array as Parquet may give it); None when empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return json.loads(value) if value.strip() else None
+    return list(value)
+
+
+def _row_maps(labels):
+    """Per row (center, scale) of the quality map: the row's map_center/map_scale, else the label set's map."""
+    from medqm.label.quality import DEFAULT_MAP
+
+    qm = (labels.attrs.get("medqm") or {}).get("quality_map") or {}
+    center = float(qm.get("center", DEFAULT_MAP.center))
+    scale = float(qm.get("scale", DEFAULT_MAP.scale))
+    n = len(labels)
+    c = labels["map_center"].to_numpy(np.float64) if "map_center" in labels else np.full(n, center)
+    s = labels["map_scale"].to_numpy(np.float64) if "map_scale" in labels else np.full(n, scale)
+    return np.where(np.isfinite(c), c, center), np.where(np.isfinite(s) & (s > 0), s, scale)
+
+
+def _item_losses(row) -> list | None:
+    """The row's per-question losses: ``loss_items``, or for label sets written before it (the nll definition)
+    ``nll_dist_items`` − ``nll_ref_items``."""
+    items = _json_list(row.get("loss_items"))
+    if items is not None:
+        return items
+    dist, ref = _json_list(row.get("nll_dist_items")), _json_list(row.get("nll_ref_items"))
+    if dist is None or ref is None or len(dist) != len(ref):
+        return None
+    return [float(a) - float(b) for a, b in zip(dist, ref, strict=True)]
+
+
+def task_qualities(labels):
+    """Per-task quality targets: a DataFrame indexed like ``labels``, one column per answer type (sorted, named by
+    the type), Q_t = the row's quality map applied to the mean loss of its questions of type t; NaN where the row
+    has no question of that type. Empty (no columns) for label tables without ``answer_types``.
+
+    A row whose lists do not match (lengths differ, or not JSON) gets NaN for every task and a warning naming
+    its ``dist_id``; one bad row never stops the others.
+    """
+    import pandas as pd
+
+    if "answer_types" not in labels or len(labels) == 0:
+        return pd.DataFrame(index=labels.index)
+    centers, scales = _row_maps(labels)
+    per_row: list[dict[str, float]] = []
+    bad: list[str] = []
+    for i, row in enumerate(labels.to_dict("records")):
+        try:
+            types, items = _json_list(row.get("answer_types")), _item_losses(row)
+            if types is None or items is None:
+                per_row.append({})
+                continue
+            if len(types) != len(items):
+                raise ValueError(f"{len(types)} answer types but {len(items)} losses")
+            sums: dict[str, list[float]] = {}
+            for t, d in zip(types, items, strict=True):
+                if d is not None and math.isfinite(float(d)):
+                    sums.setdefault(str(t), []).append(float(d))
+        except (ValueError, TypeError) as e:
+            bad.append(f"{row.get('dist_id', i)} ({e})")
+            per_row.append({})
+            continue
+        per_row.append({t: float(np.mean(v)) for t, v in sums.items()})
+    if bad:
+        warnings.warn(f"{len(bad)} label rows have unusable per-question losses, no task targets for them: "
+                      + "; ".join(bad[:3]) + (" …" if len(bad) > 3 else ""), stacklevel=2)
+    losses = pd.DataFrame(per_row, index=labels.index)
+    losses = losses.reindex(columns=sorted(losses.columns))
+    z = (losses.to_numpy(np.float64) - centers[:, None]) / scales[:, None]
+    q = 0.5 * (1.0 - np.tanh(0.5 * z))  # the quality map σ((c − D) / s), as medqm.label.quality.QualityMap
+    return pd.DataFrame(q, index=labels.index, columns=losses.columns)
+
+
+def select_tasks(rows, *, min_images: int = MIN_TASK_IMAGES, candidates: Sequence[str] | None = None) -> list[str]:
+    """The tasks of a model: answer types whose target column (``quality_<type>`` in ``rows``, as `training_rows`
+    adds them) is set on at least ``min_images`` rows, sorted. ``candidates`` restricts the types considered."""
+    from medqm.model import task_column
+
+    prefix = task_column("")
+    have = [c[len(prefix):] for c in rows.columns if c.startswith(prefix)]
+    if candidates is not None:
+        have = [t for t in have if t in set(candidates)]
+    return sorted(t for t in have if int(rows[task_column(t)].notna().sum()) >= min_images)
+
+
 def training_rows(labels, *, drop_missing: bool = True):
     """The columns training needs, one row per labelled image; rows without a quality are dropped.
 
+    Beside `TRAIN_COLUMNS`, a ``quality_<type>`` column per answer type holds the per-task target
+    (`task_qualities`; NaN where the image has no question of that type).
     Returns (rows, dropped) where ``dropped`` counts rows removed for a missing quality or image file.
     """
+    from medqm.model import task_column
+
     missing = [c for c in ("path", "quality", "case_id") if c not in labels]
     if missing:
         raise ValueError(f"the label table lacks columns {missing} (expected a `medqm label` output)")
     cols = [c for c in TRAIN_COLUMNS if c in labels]
     rows = labels[cols].copy()
+    tq = task_qualities(labels)
+    for t in tq.columns:
+        rows[task_column(t)] = tq[t].to_numpy()
     for c in TRAIN_COLUMNS:
         if c not in rows:
             rows[c] = None
@@ -168,5 +273,6 @@ class ImageDataset:
         return x, self.targets[i], i
 
 
-__all__ = ["FeatureCache", "ImageDataset", "training_rows", "load_training_image", "default_cache_dir", "file_digest",
+__all__ = ["FeatureCache", "ImageDataset", "training_rows", "task_qualities", "select_tasks", "MIN_TASK_IMAGES",
+           "load_training_image", "default_cache_dir", "file_digest",
            "PREPROCESS_VERSION"]

@@ -2,8 +2,14 @@
 
 The output folder is a checkpoint (``MedQMI.from_pretrained(out)`` / ``medqm score --model out``) that also
 holds the run's record: ``split.csv``, ``metrics.csv`` (one row per epoch), ``test_metrics.json``
-(held-out SRCC/KRCC/PLCC_raw/RMSE_raw, overall and per modality and distortion type), ``test_predictions.csv`` and
-``train_config.json``.
+(held-out SRCC/KRCC/PLCC_raw/RMSE_raw, overall and per modality and distortion type, and per task),
+``test_predictions.csv`` and ``train_config.json``.
+
+Tasks: beside the overall quality the model learns one quality per answer type of the labels (``tumour``,
+``modality``…; `medqm.train.data.task_qualities`), for the answer types with at least ``task_min_images``
+labelled images (or the ``tasks`` named). Their loss terms, masked where an image has no question of that type,
+are added to the overall loss with weight ``task_weight``; the overall head, the best-epoch choice and early
+stopping stay on the overall quality. Validation and test report each task's SRCC.
 
 Modes:
     frozen    the backbone stays at its ImageNet weights; its features are computed once and cached on disk
@@ -60,6 +66,15 @@ class TrainConfig:
         cache_dir: frozen-feature cache (default ``~/.cache/medqm/features`` or ``$MEDQM_CACHE``).
         max_images: train on a seeded random subset of this many images (spread over the parts); for quick runs.
         num_workers: DataLoader workers for fine-tuning.
+        tasks: answer types that get their own quality output; None (default): every answer type with at least
+            ``task_min_images`` labelled images among the usable label rows; ``[]``: none (the overall quality
+            only, as before tasks existed).
+        task_min_images: see ``tasks``.
+        task_weight: weight of the per-task loss terms beside the overall loss.
+        task_refit_epochs: after training, the task heads alone are refitted for up to this many epochs on the best
+            epoch's representation (computed once; the rest of the model, the overall quality included, stays as
+            it is), keeping the head with the best mean validation task SRCC, the jointly trained one included;
+            0: no refit. Early stopping as for training (``patience``).
     """
 
     labels: str
@@ -85,6 +100,10 @@ class TrainConfig:
     cache_dir: str | None = None
     max_images: int | None = None
     num_workers: int = 0
+    tasks: list[str] | None = None
+    task_min_images: int = 50
+    task_weight: float = 0.5
+    task_refit_epochs: int = 40
 
     def __post_init__(self):
         if self.mode not in ("frozen", "finetune"):
@@ -97,6 +116,16 @@ class TrainConfig:
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
         self.fractions = tuple(float(f) for f in self.fractions)
+        if self.tasks is not None:
+            if isinstance(self.tasks, str):
+                raise ValueError(f"tasks must be a list of answer types, got the string {self.tasks!r}")
+            self.tasks = [str(t) for t in self.tasks]
+        if self.task_min_images < 1:
+            raise ValueError(f"task_min_images must be >= 1, got {self.task_min_images}")
+        if not (self.task_weight >= 0 and math.isfinite(self.task_weight)):
+            raise ValueError(f"task_weight must be a finite number >= 0, got {self.task_weight}")
+        if self.task_refit_epochs < 0:
+            raise ValueError(f"task_refit_epochs must be >= 0, got {self.task_refit_epochs}")
 
 
 @dataclass
@@ -162,6 +191,8 @@ class _Run:
     rows: Any = None  # pandas.DataFrame of the training rows, with their split
     parts: dict[str, np.ndarray] = field(default_factory=dict)  # row indices of train / val / test
     targets: np.ndarray | None = None
+    tasks: list[str] = field(default_factory=list)  # answer types with their own output
+    task_targets: np.ndarray | None = None  # (rows, tasks) per-task quality targets, NaN where absent
     model: Any = None
     cache: Any = None  # FeatureCache (frozen mode)
     keys: np.ndarray | None = None  # feature-cache key of every row (frozen mode)
@@ -222,8 +253,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = print,
     if rank == 0:
         run.model.load_state_dict(best.state)
         run.model.to(device)
+        refit = _refit_task_heads(run)
         if len(run.parts["test"]):
             result_test = _test(run)
+        if refit:
+            result_test["task_refit"] = refit
         _save(run, best, result_test, len(history))
     if run.distributed:
         torch.distributed.barrier()
@@ -261,6 +295,7 @@ def _load_rows(run: _Run) -> dict[str, Any]:
         run.say(f"note: {dropped} label rows dropped (no quality or image file missing)")
     split = load_split(cfg.split_file) if cfg.split_file else make_split(rows, fractions=cfg.fractions, seed=cfg.seed)
     rows = assign_split(rows, split)  # refuses leaking splits
+    counted = rows
     if cfg.max_images and cfg.max_images < len(rows):
         rows = rows.sample(n=cfg.max_images, random_state=cfg.seed).sort_index().reset_index(drop=True)
     if run.rank == 0:
@@ -271,7 +306,33 @@ def _load_rows(run: _Run) -> dict[str, Any]:
     run.say(f"{len(rows)} images from {rows.case_id.nunique()} cases: "
             + ", ".join(f"{s} {len(ix)} images / {rows.loc[ix, 'case_id'].nunique()} cases" for s, ix in parts.items()))
     run.rows, run.parts, run.targets = rows, parts, rows["quality"].to_numpy(np.float32)
+    _choose_tasks(run, counted)
     return labels.attrs.get("medqm", {})
+
+
+def _choose_tasks(run: _Run, counted) -> None:
+    """The model's tasks (``cfg.tasks``, or the answer types with enough labelled images among ``counted``, the
+    usable rows before any ``max_images`` sampling) and their target matrix."""
+    from medqm.model import task_column
+
+    from .data import select_tasks
+
+    cfg = run.cfg
+    if cfg.tasks is None:
+        tasks = select_tasks(counted, min_images=cfg.task_min_images)
+    else:
+        present = select_tasks(counted, min_images=1)
+        absent = [t for t in cfg.tasks if t not in present]
+        if absent:
+            raise ValueError(f"tasks {absent}: no labelled image of {cfg.labels} has a question of that answer type; "
+                             f"answer types present: {', '.join(present) or 'none'}")
+        tasks = list(cfg.tasks)
+    run.tasks = tasks
+    cols = [task_column(t) for t in tasks]
+    run.task_targets = run.rows[cols].to_numpy(np.float32) if cols else np.zeros((len(run.rows), 0), np.float32)
+    if tasks:
+        n = {t: int(np.isfinite(run.task_targets[run.parts["train"], k]).sum()) for k, t in enumerate(tasks)}
+        run.say("tasks: " + ", ".join(f"{t} ({n[t]} training images)" for t in tasks))
 
 
 def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
@@ -280,12 +341,13 @@ def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
     from medqm.model import create_model
 
     cfg = run.cfg
-    model = create_model(cfg.model, **cfg.model_kwargs)
+    model = create_model(cfg.model, **{**cfg.model_kwargs, "tasks": list(run.tasks)})
     model.cfg.meta.update({"trained_on": {
         "labels": str(Path(cfg.labels).resolve()), "label_model_id": label_meta.get("model_id"),
         "label_model_revision": label_meta.get("model_revision"), "quality_map": label_meta.get("quality_map"),
         "n_images": int(len(run.rows)), "split_seed": cfg.seed, "fractions": list(cfg.fractions), "mode": cfg.mode,
         "medqm_version": __version__,
+        "tasks": {t: int(np.isfinite(run.task_targets[:, k]).sum()) for k, t in enumerate(run.tasks)},
     }})
     model.set_backbone_trainable(not run.frozen)
     model.to(run.device)
@@ -368,19 +430,113 @@ def _batches(run: _Run, idx: np.ndarray, shuffle: bool, epoch: int = 0):
         yield idx[j.numpy()], x
 
 
-def _predict(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and expert gates of the rows ``idx`` (the bare model, eval mode)."""
+def _predict(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, expert gates and task scores (rows × tasks) of the rows ``idx`` (the bare model, eval mode)."""
     import torch
 
     model, n = run.model, len(run.rows)
     model.eval()
     preds, gates = np.zeros(n, np.float32), np.zeros((n, model.num_experts), np.float32)
+    tasks = np.zeros((n, len(run.tasks)), np.float32)
     with torch.inference_mode():
         for bi, x in _batches(run, idx, shuffle=False):
             o = _forward(run, model, bi, x)
             preds[bi] = o["score"].float().cpu().numpy()
             gates[bi] = o["gates"].float().cpu().numpy()
-    return preds[idx], gates[idx]
+            if run.tasks:
+                tasks[bi] = o["task_scores"].float().cpu().numpy()
+    return preds[idx], gates[idx], tasks[idx]
+
+
+def _fused(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head's input (rows × D, eval mode: no dropout) and the overall quality of the rows ``idx``, indexed by
+    row like ``run.rows``."""
+    import torch
+
+    model, n = run.model, len(run.rows)
+    model.eval()
+    fused, score = np.zeros((n, model.cfg.embed_dim), np.float32), np.zeros(n, np.float32)
+    with torch.inference_mode():
+        for bi, x in _batches(run, idx, shuffle=False):
+            if run.frozen:
+                f = model.forward_features(backbone_features=[t.to(run.device) for t in run.cache.load(run.keys[bi])])
+            else:
+                f = model.forward_features(x.to(run.device))
+            fused[bi] = f["fused"].float().cpu().numpy()
+            score[bi] = model.forward_head(f["fused"])["score"].float().cpu().numpy()
+    return fused, score
+
+
+def _refit_task_heads(run: _Run) -> dict[str, Any] | None:
+    """Rank 0, after the best weights are back: refit the task heads alone on that epoch's representation.
+
+    The joint training picks its best epoch by the overall SRCC, often before the task heads have learned much.
+    Here the head's input and the overall quality are computed once for the training and validation rows; the
+    task heads (nothing else) then train on them with the masked task loss (AdamW at ``lr``, seeded order), and
+    the head with the best mean validation task SRCC is kept, the jointly trained one included. None when the
+    model has no tasks or ``task_refit_epochs`` is 0.
+    """
+    import torch
+
+    from .losses import QualityLoss
+
+    cfg, model = run.cfg, run.model
+    if not run.tasks or not cfg.task_refit_epochs:
+        return None
+    t0 = time.perf_counter()
+    has_val = len(run.parts["val"]) >= 3
+    train_idx, eval_idx = run.parts["train"], run.parts["val"] if has_val else run.parts["train"]
+    fused_np, score_np = _fused(run, np.concatenate([train_idx, run.parts["val"]]))
+    fused, score = torch.from_numpy(fused_np).to(run.device), torch.from_numpy(score_np).to(run.device)
+    targets = torch.from_numpy(run.task_targets).to(run.device)
+    head = model.task_head
+    criterion = QualityLoss(**{**cfg.loss, "w_task": 1.0})
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def mean_eval_srcc() -> tuple[float, dict[str, float]]:
+        with torch.no_grad():
+            pred = model.task_scores(fused[eval_idx], score[eval_idx]).cpu().numpy()
+        per = {t: m["srcc"] for t, m in task_correlations(pred, run.task_targets[eval_idx], run.tasks).items()}
+        ok = [v for v in per.values() if np.isfinite(v)]
+        return (float(np.mean(ok)) if ok else -math.inf), per
+
+    best_srcc, best_per = mean_eval_srcc()
+    best_state, best_epoch, stale, epoch = copy.deepcopy(head.state_dict()), 0, 0, 0
+    start = best_srcc
+    for epoch in range(1, cfg.task_refit_epochs + 1):
+        order = train_idx.copy()
+        np.random.default_rng(cfg.seed + 7919 * epoch).shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            b = torch.from_numpy(order[i : i + cfg.batch_size]).to(run.device)
+            loss = criterion.task_loss(model.task_scores(fused[b], score[b]), targets[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        srcc, per = mean_eval_srcc()
+        if srcc > best_srcc:
+            best_srcc, best_per, best_epoch, stale = srcc, per, epoch, 0
+            best_state = copy.deepcopy(head.state_dict())
+        else:
+            stale += 1
+            if cfg.patience and stale >= cfg.patience:
+                break
+    head.load_state_dict(best_state)
+    which = "val" if has_val else "train"
+    run.say(f"task heads refitted: mean {which} task SRCC {start:.4f} (joint training) -> {best_srcc:.4f} "
+            f"(refit epoch {best_epoch} of {epoch}), {time.perf_counter() - t0:.1f} s")
+    return {"epochs_run": epoch, "best_epoch": best_epoch, "on": which,
+            "mean_srcc_before": start if math.isfinite(start) else None,
+            "mean_srcc_after": best_srcc if math.isfinite(best_srcc) else None, "srcc": best_per}
+
+
+def task_correlations(pred: np.ndarray, target: np.ndarray, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Per task: `correlations` of the task outputs (rows × tasks) with the targets, on the rows with a target."""
+    out = {}
+    for k, t in enumerate(tasks):
+        ok = np.isfinite(target[:, k])
+        out[t] = correlations(pred[ok, k], target[ok, k]) if ok.sum() >= 2 else {"n": int(ok.sum()),
+                                                                                   "srcc": float("nan")}
+    return out
 
 
 def _fit(run: _Run, progress: Callable[[str, int, int], None] | None) -> tuple[list[dict[str, Any]], _EarlyStopping]:
@@ -391,7 +547,7 @@ def _fit(run: _Run, progress: Callable[[str, int, int], None] | None) -> tuple[l
 
     cfg, say = run.cfg, run.say
     train_model = _wrap_distributed(run)
-    criterion = QualityLoss(**cfg.loss)
+    criterion = QualityLoss(**{**cfg.loss, "w_task": cfg.task_weight})
     opt = torch.optim.AdamW(_param_groups(run.model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_mult), lr=cfg.lr)
     n_train_local = len(run.parts["train"]) // run.world if run.distributed else len(run.parts["train"])
     steps_per_epoch = max(1, math.ceil(n_train_local / cfg.batch_size))
@@ -443,7 +599,8 @@ def _train_epoch(run: _Run, train_model, opt, schedule, criterion, epoch: int, l
     for bi, x in _batches(run, run.parts["train"], shuffle=True, epoch=epoch):
         lr = opt.param_groups[0]["lr"]
         o = _forward(run, train_model, bi, x)
-        loss, terms = criterion(o, torch.from_numpy(run.targets[bi]).to(run.device))
+        task_target = torch.from_numpy(run.task_targets[bi]).to(run.device) if run.tasks else None
+        loss, terms = criterion(o, torch.from_numpy(run.targets[bi]).to(run.device), task_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
@@ -461,10 +618,12 @@ def _evaluate_epoch(run: _Run, row: dict[str, Any], best: _EarlyStopping, has_va
     """Rank 0: the epoch's validation metrics (training-set ones without a validation part) into ``row``;
     True when the epoch is the best so far."""
     eval_idx = run.parts["val"] if has_val else run.parts["train"]
-    pv, gv = _predict(run, eval_idx)
+    pv, gv, tv = _predict(run, eval_idx)
     m = correlations(pv, run.targets[eval_idx])
     prefix = "val" if has_val else "train_eval"
     row.update({f"{prefix}_{k}": v for k, v in m.items() if k != "n"})
+    for t, tm in task_correlations(tv, run.task_targets[eval_idx], run.tasks).items():
+        row[f"{prefix}_srcc_{t}"] = tm["srcc"]
     row["expert_load"] = json.dumps([round(float(v), 4) for v in gv.mean(0)])
     return best.update(row["epoch"], m, run.model)
 
@@ -484,9 +643,11 @@ def _should_stop(run: _Run, best: _EarlyStopping) -> bool:
 def _test(run: _Run) -> dict[str, Any]:
     """Rank 0: score the held-out cases with the best weights; writes ``test_predictions.csv``."""
     test_idx = run.parts["test"]
-    pt, gt = _predict(run, test_idx)
+    pt, gt, tt = _predict(run, test_idx)
     test_rows = run.rows.loc[test_idx].copy()
     test_rows["pred"] = pt
+    for k, t in enumerate(run.tasks):
+        test_rows[f"pred_{t}"] = tt[:, k]
     test_rows["expert"] = gt.argmax(1)
     test_rows.to_csv(run.out / "test_predictions.csv", index=False)
     y = run.targets[test_idx]
@@ -497,9 +658,13 @@ def _test(run: _Run) -> dict[str, Any]:
         "expert_load": [round(float(v), 4) for v in gt.mean(0)],
         "test_cases": sorted(test_rows.case_id.unique().tolist()),
     }
+    if run.tasks:
+        result["tasks"] = task_correlations(tt, run.task_targets[test_idx], run.tasks)
     o = result["overall"]
     run.say(f"test (held-out cases, n={o['n']}): SRCC {o['srcc']:.4f}  PLCC_raw {o['plcc_raw']:.4f}  "
             f"KRCC {o['krcc']:.4f}  RMSE_raw {o['rmse_raw']:.4f}")
+    for t, tm in result.get("tasks", {}).items():
+        run.say(f"  task {t} (n={tm['n']}): SRCC {tm['srcc']:.4f}")
     return result
 
 
@@ -534,7 +699,10 @@ def _fmt_epoch(row: dict[str, Any], improved: bool) -> str:
          f"{ev} SRCC {row.get(f'{ev}_srcc', float('nan')):.4f} PLCC_raw {row.get(f'{ev}_plcc_raw', float('nan')):.4f} "
          f"RMSE_raw {row.get(f'{ev}_rmse_raw', float('nan')):.4f}  experts {row.get('expert_load', '')}  "
          f"{row['seconds']:.1f}s")
+    tasks = [(k[len(f"{ev}_srcc_"):], v) for k, v in row.items() if k.startswith(f"{ev}_srcc_")]
+    if tasks:
+        s += "  tasks " + " ".join(f"{t} {v:.3f}" for t, v in tasks)
     return s + ("  *" if improved else "")
 
 
-__all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine_schedule"]
+__all__ = ["TrainConfig", "TrainResult", "train", "warmup_cosine_schedule", "task_correlations"]
