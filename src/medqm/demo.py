@@ -82,6 +82,9 @@ class DemoConfig:
         models: registered MedQM-I variants to train; must contain ``medqm_i`` (the evaluated model).
         img_size, epochs, patience, batch_size, lr, seed, fractions: training (`medqm.train.TrainConfig`),
             always in frozen-backbone mode; ``seed`` also seeds the split and the bootstrap.
+        task_quality: train every model with a quality output per answer type (`medqm.train.TrainConfig` tasks:
+            those with enough labelled images, e.g. ``tumour``), reported by `medqm score` / `medqm serve` and
+            evaluated per task; False trains the overall quality only.
         baselines: classical baselines of the evaluation (`medqm.evaluate.list_baselines`).
         folds: case-level cross-validation in the evaluation (`medqm.evaluate.cross_validate`): every model is
             trained again in each of ``folds`` folds and every case is a test case once, figures pooled over the
@@ -117,6 +120,7 @@ class DemoConfig:
     lr: float = 1e-3
     seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    task_quality: bool = True
     baselines: list[str] = field(default_factory=lambda: ["niqe", "brisque", "piqe"])
     folds: int = 5
     n_boot: int = 1000
@@ -449,6 +453,8 @@ def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progres
     models = [MAIN_MODEL] if cfg.folds else cfg.models
     if cfg.folds:
         inputs["models"] = models
+    if cfg.task_quality:  # keys of runs without task outputs stay what they were
+        inputs["tasks"] = "every answer type with >= 50 images, weight 0.5"
     stage = Stage(out, "train", inputs, log, order=STAGES)
     todo = [m for m in models if not (stage.dir / f"{m}.done.json").is_file()]
     if stage.done and not todo:
@@ -471,6 +477,7 @@ def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progres
         shown = MODEL_NAMES.get(name, name)
         tcfg = TrainConfig(labels=str(label.dir), out=str(stage.dir / name), model=name,
                            model_kwargs={"img_size": cfg.img_size}, mode="frozen", epochs=cfg.epochs,
+                           tasks=None if cfg.task_quality else [],
                            patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                            fractions=cfg.fractions, split_file=str(split_file),
                            cache_dir=str(out / "cache" / "features"), device="cpu")
@@ -504,6 +511,8 @@ def _run_evaluate(cfg: DemoConfig, out: Path, label: StageRecord, trained: Stage
     if cfg.folds:  # keys of single-split runs stay what they were
         inputs["folds"] = {"k": cfg.folds, "img_size": cfg.img_size, "epochs": cfg.epochs, "patience": cfg.patience,
                            "batch_size": cfg.batch_size, "lr": cfg.lr}
+        if cfg.task_quality:
+            inputs["folds"]["tasks"] = "every answer type with >= 50 images, weight 0.5"
     stage = Stage(out, "evaluate", inputs, log, order=STAGES)
     if stage.done and (stage.dir / "metrics.json").is_file() and (stage.dir / "report.html").is_file():
         return stage.reused()
@@ -514,6 +523,7 @@ def _run_evaluate(cfg: DemoConfig, out: Path, label: StageRecord, trained: Stage
         ccfg = CVConfig(labels=str(label.dir), out=str(stage.dir), folds=cfg.folds, models=cfg.models, main=MAIN_MODEL,
                         names=MODEL_NAMES, baselines=cfg.baselines, img_size=cfg.img_size, epochs=cfg.epochs,
                         patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr,
+                        tasks=None if cfg.task_quality else [],
                         cache_dir=str(out / "cache" / "features"), device="cpu", num_threads=cfg.threads,
                         n_boot=cfg.n_boot, seed=cfg.seed, workers=cfg.threads or os.cpu_count() or 1,
                         group_ci=cfg.group_ci)
