@@ -329,7 +329,9 @@ def _choose_tasks(run: _Run, counted) -> None:
         tasks = list(cfg.tasks)
     run.tasks = tasks
     cols = [task_column(t) for t in tasks]
-    run.task_targets = run.rows[cols].to_numpy(np.float32) if cols else np.zeros((len(run.rows), 0), np.float32)
+    # a writable copy: torch.from_numpy refuses (with a warning) pandas' read-only views
+    run.task_targets = (np.array(run.rows[cols].to_numpy(np.float32)) if cols
+                        else np.zeros((len(run.rows), 0), np.float32))
     if tasks:
         n = {t: int(np.isfinite(run.task_targets[run.parts["train"], k]).sum()) for k, t in enumerate(tasks)}
         run.say("tasks: " + ", ".join(f"{t} ({n[t]} training images)" for t in tasks))
