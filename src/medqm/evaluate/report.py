@@ -439,6 +439,28 @@ def task_note(metrics: dict) -> str:
             "difference.")
 
 
+def _md_tasks(metrics: dict, pooled: bool) -> list[str]:
+    """report.md's task-conditioned quality section (none without task outputs)."""
+    if not task_rows(metrics):
+        return []
+    return [f"## Task-conditioned quality{' (pooled)' if pooled else ''}", "", task_note(metrics), "",
+            _md_table(TASK_HEADER, task_rows(metrics)), ""]
+
+
+def _md_tail(metrics: dict, figures: dict[str, str], pooled: bool) -> list[str]:
+    """report.md's sections shared by the single-split and the cross-validated reports: the alignment study, the
+    per-modality table, the quality gates and the figures."""
+    lines = ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
+    lines += [f"- {t}" for t in metrics["alignment"]["text"]]
+    h, r = group_table(metrics, "by_modality")
+    lines += ["", f"## Per modality (SRCC{', pooled' if pooled else ''})", "", _md_table(h, r), ""]
+    for title, text, rows in gate_sections(metrics):
+        lines += [f"## Quality gate: {title}", "", text, ""] + ([_md_table(GATE_HEADER, rows), ""] if rows else [])
+    if figures:
+        lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    return lines
+
+
 def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
     main = metrics["significance"]["reference"]
     lines = [f"# MedQM evaluation: {main} vs classical and deep BIQA", ""]
@@ -448,17 +470,7 @@ def write_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> None:
         lines += ["## How learnable are these labels?", ""] + [f"- {t}" for t in reliability_text(metrics)] + [""]
     lines += ["## Significance", "", _significance_text(metrics), "",
               _md_table(SIG_HEADER, significance_rows(metrics)), ""]
-    if task_rows(metrics):
-        lines += ["## Task-conditioned quality", "", task_note(metrics), "", _md_table(TASK_HEADER, task_rows(metrics)),
-                  ""]
-    lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
-    lines += [f"- {t}" for t in metrics["alignment"]["text"]]
-    h, r = group_table(metrics, "by_modality")
-    lines += ["", "## Per modality (SRCC)", "", _md_table(h, r), ""]
-    for title, text, rows in gate_sections(metrics):
-        lines += [f"## Quality gate: {title}", "", text, ""] + ([_md_table(GATE_HEADER, rows), ""] if rows else [])
-    if figures:
-        lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    lines += _md_tasks(metrics, pooled=False) + _md_tail(metrics, figures, pooled=False)
     lines += ["The full report, with per-type and per-level tables and the heatmap gallery, is `report.html`; every "
               "number is in `metrics.json`.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -477,14 +489,52 @@ img.fig{max-width:100%;border:1px solid #eee}.gallery{display:flex;flex-wrap:wra
 """
 
 
+def _img(pngs: dict[str, bytes], key: str, alt: str) -> str:
+    """An embedded figure, or nothing when it was not drawn."""
+    if key not in pngs:
+        return ""
+    return (f'<img class="fig" alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{base64.b64encode(pngs[key]).decode()}">')
+
+
+def _html_tasks(metrics: dict, pooled: bool) -> list[str]:
+    if not task_rows(metrics):
+        return []
+    return [f"<h2>Task-conditioned quality{' (pooled)' if pooled else ''}</h2>",
+            f"<p class='note'>{html.escape(task_note(metrics))}</p>", _html_table(TASK_HEADER, task_rows(metrics))]
+
+
+def _html_gates(metrics: dict, pngs: dict[str, bytes], note: str = "") -> list[str]:
+    """The quality-gate section (none without gates); ``note`` (HTML) follows its figure."""
+    gates = gate_sections(metrics)
+    if not gates:
+        return []
+    s = ["<h2>Quality gate with a guarantee</h2>", _img(pngs, "risk_coverage", "risk against coverage")]
+    s += [note] if note else []
+    for title, text, rows in gates:
+        s += [f"<h3>{html.escape(title)}</h3>", f"<p class='note'>{html.escape(text)}</p>"]
+        s += [_html_table(GATE_HEADER, rows)] if rows else []
+    return s
+
+
+def _html_groups(metrics: dict, pngs: dict[str, bytes], pooled: bool) -> list[str]:
+    """Severity and scatter figures, then every method's SRCC per modality, distortion type and level."""
+    p, cp = (" (pooled)", ", pooled") if pooled else ("", "")
+    return ["<h2>Quality vs severity</h2>", _img(pngs, "severity", "quality vs severity per distortion type"),
+            f"<h2>Predicted vs label{p}</h2>", _img(pngs, "scatter", "predicted vs label"),
+            f"<h2>Per modality (all methods, SRCC{cp})</h2>",
+            "<div class='scroll'>" + _html_table(*group_table(metrics, "by_modality")) + "</div>",
+            f"<h2>Per distortion type (all methods, SRCC{cp})</h2>",
+            "<div class='scroll'>" + _html_table(*group_table(metrics, "by_type")) + "</div>",
+            f"<h2>Per level (all methods, SRCC{cp})</h2>",
+            "<div class='scroll'>" + _html_table(*group_table(metrics, "by_level")) + "</div>"]
+
+
 def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[dict]) -> None:
     main = metrics["significance"]["reference"]
 
     def img(key: str, alt: str) -> str:
-        if key not in pngs:
-            return ""
-        return (f'<img class="fig" alt="{html.escape(alt)}" '
-                f'src="data:image/png;base64,{base64.b64encode(pngs[key]).decode()}">')
+        return _img(pngs, key, alt)
 
     def para(t: str) -> str:
         # *word* from the generated text becomes emphasis
@@ -503,9 +553,7 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
               "<ul class='text'>" + "".join(f"<li>{para(t)}</li>" for t in reliability_text(metrics)) + "</ul>"]
     s += ["<h2>Significance</h2>", f"<p>{para(_significance_text(metrics))}</p>",
          _html_table(SIG_HEADER, significance_rows(metrics))]
-    if task_rows(metrics):
-        s += ["<h2>Task-conditioned quality</h2>", f"<p class='note'>{html.escape(task_note(metrics))}</p>",
-              _html_table(TASK_HEADER, task_rows(metrics))]
+    s += _html_tasks(metrics, pooled=False)
     s += [
          "<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>",
          "<p class='note'>Human-perception BIQA metrics (NIQE, BRISQUE, PIQE; sign-flipped so that higher = better) "
@@ -528,21 +576,7 @@ def write_html(metrics: dict, path: Path, pngs: dict[str, bytes], gallery: list[
                   "<p class='note'>“vs label”: SRCC with the labels within the type. “vs level”: SRCC with the "
                   "distortion level (−1 = the score falls steadily with severity).</p>",
                   "<div class='scroll'>" + _html_table(header, rows) + "</div>"]
-    gates = gate_sections(metrics)
-    if gates:
-        s += ["<h2>Quality gate with a guarantee</h2>", img("risk_coverage", "risk against coverage")]
-        for title, text, rows in gates:
-            s += [f"<h3>{html.escape(title)}</h3>", f"<p class='note'>{html.escape(text)}</p>"]
-            s += [_html_table(GATE_HEADER, rows)] if rows else []
-    s += ["<h2>Quality vs severity</h2>", img("severity", "quality vs severity per distortion type"),
-          "<h2>Predicted vs label</h2>", img("scatter", "predicted vs label"),
-          "<h2>Per modality (all methods, SRCC)</h2>",
-          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_modality")) + "</div>",
-          "<h2>Per distortion type (all methods, SRCC)</h2>",
-          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_type")) + "</div>",
-          "<h2>Per level (all methods, SRCC)</h2>",
-          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_level")) + "</div>",
-          "<h2>Where MedQM-I looks</h2>"]
+    s += _html_gates(metrics, pngs) + _html_groups(metrics, pngs, pooled=False) + ["<h2>Where MedQM-I looks</h2>"]
     if gallery:
         s.append("<p class='note'>Attention heatmaps of the model under evaluation on test images (lowest and highest "
                  "label per modality).</p><div class='gallery'>")
@@ -687,19 +721,10 @@ def write_cv_markdown(metrics: dict, path: Path, figures: dict[str, str]) -> Non
         lines += ["## How learnable are these labels?", ""] + [f"- {t}" for t in reliability_text(metrics)] + [""]
     lines += ["## Significance (pooled)", "", _significance_text(metrics), ""]
     lines += [f"- {t}" for t in versus_text(metrics)] + ["", _md_table(SIG_HEADER, significance_rows(metrics)), ""]
-    if task_rows(metrics):
-        lines += ["## Task-conditioned quality (pooled)", "", task_note(metrics), "",
-                  _md_table(TASK_HEADER, task_rows(metrics)), ""]
+    lines += _md_tasks(metrics, pooled=True)
     if ablation_rows(metrics):
         lines += ["## Ablations (pooled)", "", _md_table(ABLATION_HEADER, ablation_rows(metrics)), ""]
-    lines += ["## Alignment study: classical BIQA vs MLLM-oriented labels", ""]
-    lines += [f"- {t}" for t in metrics["alignment"]["text"]]
-    h, r = group_table(metrics, "by_modality")
-    lines += ["", "## Per modality (SRCC, pooled)", "", _md_table(h, r), ""]
-    for title, text, rows in gate_sections(metrics):
-        lines += [f"## Quality gate: {title}", "", text, ""] + ([_md_table(GATE_HEADER, rows), ""] if rows else [])
-    if figures:
-        lines += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()] + [""]
+    lines += _md_tail(metrics, figures, pooled=True)
     lines += ["The full report, with per-type and per-level tables, is `report.html`; every number is in "
               "`metrics.json`, every pooled prediction in `predictions.csv`.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -710,10 +735,7 @@ def write_cv_html(metrics: dict, path: Path, pngs: dict[str, bytes]) -> None:
     k = metrics["design"]["folds"]
 
     def img(key: str, alt: str) -> str:
-        if key not in pngs:
-            return ""
-        return (f'<img class="fig" alt="{html.escape(alt)}" '
-                f'src="data:image/png;base64,{base64.b64encode(pngs[key]).decode()}">')
+        return _img(pngs, key, alt)
 
     def ul(items) -> str:
         return "<ul class='text'>" + "".join(f"<li>{html.escape(t)}</li>" for t in items) + "</ul>"
@@ -733,29 +755,14 @@ def write_cv_html(metrics: dict, path: Path, pngs: dict[str, bytes]) -> None:
         s += ["<h2>How learnable are these labels?</h2>", ul(reliability_text(metrics))]
     s += ["<h2>Significance (pooled)</h2>", f"<p>{html.escape(_significance_text(metrics))}</p>",
           ul(versus_text(metrics)), _html_table(SIG_HEADER, significance_rows(metrics))]
-    if task_rows(metrics):
-        s += ["<h2>Task-conditioned quality (pooled)</h2>", f"<p class='note'>{html.escape(task_note(metrics))}</p>",
-              _html_table(TASK_HEADER, task_rows(metrics))]
+    s += _html_tasks(metrics, pooled=True)
     if ablation_rows(metrics):
         s += ["<h2>Ablations (pooled)</h2>", _html_table(ABLATION_HEADER, ablation_rows(metrics))]
     s += ["<h2>Alignment study: classical BIQA vs MLLM-oriented labels</h2>", ul(metrics["alignment"]["text"])]
-    gates = gate_sections(metrics)
-    if gates:
-        s += ["<h2>Quality gate with a guarantee</h2>", img("risk_coverage", "risk against coverage"),
-              "<p class='note'>Pooled scores of models trained on different folds share one threshold here; a "
-              "deployed gate is calibrated for one model.</p>"]
-        for t, text, rows in gates:
-            s += [f"<h3>{html.escape(t)}</h3>", f"<p class='note'>{html.escape(text)}</p>"]
-            s += [_html_table(GATE_HEADER, rows)] if rows else []
-    s += ["<h2>Quality vs severity</h2>", img("severity", "quality vs severity per distortion type"),
-          "<h2>Predicted vs label (pooled)</h2>", img("scatter", "predicted vs label"),
-          "<h2>Per modality (all methods, SRCC, pooled)</h2>",
-          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_modality")) + "</div>",
-          "<h2>Per distortion type (all methods, SRCC, pooled)</h2>",
-          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_type")) + "</div>",
-          "<h2>Per level (all methods, SRCC, pooled)</h2>",
-          "<div class='scroll'>" + _html_table(*group_table(metrics, "by_level")) + "</div>",
-          "<h2>Label distribution</h2>", img("labels", "label distribution"),
+    s += _html_gates(metrics, pngs, "<p class='note'>Pooled scores of models trained on different folds share one "
+                                    "threshold here; a deployed gate is calibrated for one model.</p>")
+    s += _html_groups(metrics, pngs, pooled=True)
+    s += ["<h2>Label distribution</h2>", img("labels", "label distribution"),
           f"<p class='note'>medqm {html.escape(str(metrics['medqm_version']))} · {html.escape(metrics['created'])} · "
           f"total {metrics['timing'].get('total', 0):.0f} s · every number is in metrics.json</p>", "</body></html>"]
     path.write_text("\n".join(s), encoding="utf-8")
