@@ -444,6 +444,14 @@ def _run_label(cfg: DemoConfig, out: Path, select: StageRecord, distort: StageRe
                          "images_per_s": round(labelled / seconds, 2) if labelled and seconds > 0 else None})
 
 
+def _task_settings() -> dict[str, Any]:
+    """What the task outputs are trained with (`medqm.train.TrainConfig`'s defaults), for the stage keys."""
+    from medqm.train import TrainConfig
+
+    return {"min_images": TrainConfig.task_min_images, "weight": TrainConfig.task_weight,
+            "refit_epochs": TrainConfig.task_refit_epochs}
+
+
 def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progress: Progress) -> StageRecord:
     inputs = {"label": label.key, "mode": "frozen", "img_size": cfg.img_size, "epochs": cfg.epochs,
               "patience": cfg.patience, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
@@ -454,7 +462,7 @@ def _run_train(cfg: DemoConfig, out: Path, label: StageRecord, log: Log, progres
     if cfg.folds:
         inputs["models"] = models
     if cfg.task_quality:  # keys of runs without task outputs stay what they were
-        inputs["tasks"] = "every answer type with >= 50 images, weight 0.5"
+        inputs["tasks"] = _task_settings()
     stage = Stage(out, "train", inputs, log, order=STAGES)
     todo = [m for m in models if not (stage.dir / f"{m}.done.json").is_file()]
     if stage.done and not todo:
@@ -512,7 +520,7 @@ def _run_evaluate(cfg: DemoConfig, out: Path, label: StageRecord, trained: Stage
         inputs["folds"] = {"k": cfg.folds, "img_size": cfg.img_size, "epochs": cfg.epochs, "patience": cfg.patience,
                            "batch_size": cfg.batch_size, "lr": cfg.lr}
         if cfg.task_quality:
-            inputs["folds"]["tasks"] = "every answer type with >= 50 images, weight 0.5"
+            inputs["folds"]["tasks"] = _task_settings()
     stage = Stage(out, "evaluate", inputs, log, order=STAGES)
     if stage.done and (stage.dir / "metrics.json").is_file() and (stage.dir / "report.html").is_file():
         return stage.reused()
