@@ -489,7 +489,8 @@ def _refit_task_heads(run: _Run) -> dict[str, Any] | None:
     has_val = len(run.parts["val"]) >= 3
     train_idx, eval_idx = run.parts["train"], run.parts["val"] if has_val else run.parts["train"]
     fused_np, score_np = _fused(run, np.concatenate([train_idx, run.parts["val"]]))
-    fused, score = torch.from_numpy(fused_np).to(run.device), torch.from_numpy(score_np).to(run.device)
+    # copies: the cached arrays may be read-only, which torch.from_numpy warns about
+    fused, score = torch.tensor(fused_np, device=run.device), torch.tensor(score_np, device=run.device)
     targets = torch.from_numpy(run.task_targets).to(run.device)
     head = model.task_head
     criterion = QualityLoss(**{**cfg.loss, "w_task": 1.0})
