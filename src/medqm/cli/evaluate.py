@@ -47,6 +47,12 @@ def evaluate(
                                        "stopping."),
     cache_dir: Optional[Path] = typer.Option(None, help="With --folds: frozen-feature cache (default: "
                                              "$MEDQM_CACHE/features)."),
+    target: str = typer.Option("loss", help="With --folds: what every model's head regresses (loss or quality; "
+                               "`medqm train --target`)."),
+    ema_decay: float = typer.Option(0.99, help="With --folds: weight averaging of every training (`medqm train "
+                                    "--ema-decay`)."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="With --folds and --target loss: "
+                                   "calibrate every model on its validation part (`medqm train --calibrate`)."),
 ):
     """Evaluate MedQM-I against classical (NIQE, BRISQUE, PIQE, …) and deep BIQA on the same held-out images.
 
@@ -78,7 +84,8 @@ def evaluate(
             result = _cross_validate(console, labels=labels, out=out, folds=folds, models=models, name=name,
                                      baselines=names, n_boot=n_boot, seed=seed, workers=workers, device=device,
                                      threads=threads, group_ci=group_ci, epochs=epochs, patience=patience,
-                                     img_size=img_size, val_fraction=val_fraction, cache_dir=cache_dir)
+                                     img_size=img_size, val_fraction=val_fraction, cache_dir=cache_dir,
+                                     target=target, ema_decay=ema_decay, calibrate=calibrate)
     except (ValueError, FileNotFoundError, ImportError, SplitLeakageError) as e:
         print_error(console, e)
         raise typer.Exit(code=2) from e
@@ -106,7 +113,7 @@ def _single_split(console, *, labels, model, out, compare, name, baselines, spli
 
 
 def _cross_validate(console, *, labels, out, folds, models, name, baselines, n_boot, seed, workers, device, threads,
-                    group_ci, epochs, patience, img_size, val_fraction, cache_dir):
+                    group_ci, epochs, patience, img_size, val_fraction, cache_dir, target, ema_decay, calibrate):
     from medqm.evaluate import CVConfig, cross_validate
     from medqm.evaluate.crossval import DEFAULT_MODELS, DISPLAY_NAMES
 
@@ -116,6 +123,7 @@ def _cross_validate(console, *, labels, out, folds, models, name, baselines, n_b
     cfg = CVConfig(labels=str(labels), out=str(out), folds=folds, models=variants, main=variants[0],
                    names={**DISPLAY_NAMES, variants[0]: name}, baselines=baselines, val_fraction=val_fraction,
                    img_size=img_size, epochs=epochs, patience=patience, cache_dir=str(cache_dir) if cache_dir else None,
+                   target=target, ema_decay=ema_decay, calibrate=calibrate,
                    device=device, num_threads=threads, n_boot=n_boot, seed=seed, workers=workers, group_ci=group_ci)
     with stage_bars(console) as progress:
         return cross_validate(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)

@@ -43,6 +43,14 @@ def train(
     task_refit_epochs: Optional[int] = typer.Option(None, help="After training, refit the task heads alone on the "
                                                                "best epoch's representation for up to this many "
                                                                "epochs (default 40; 0: no refit)."),
+    target: Optional[str] = typer.Option(None, help="What the head regresses: loss (default; the diagnostic loss on a "
+                                                    "log scale, calibrated on the validation part) or quality (the "
+                                                    "checkpoints trained before targets existed). Scores are "
+                                                    "qualities either way."),
+    ema_decay: Optional[float] = typer.Option(None, help="Evaluate and save a moving average of the weights with this "
+                                                         "decay per step (default 0.99; 0: the last weights)."),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="With --target loss: fit the "
+                                             "scores to the labels' scale on the validation part (default on)."),
 ):
     """Train MedQM-I on a label set; prints per-epoch metrics and the held-out-case SRCC."""
     import dataclasses
@@ -55,7 +63,8 @@ def train(
                "split_file": str(split) if split else None, "device": device,
                "cache_dir": str(cache) if cache else None,
                "max_images": max_images, "task_min_images": task_min_images, "task_weight": task_weight,
-               "task_refit_epochs": task_refit_epochs}
+               "task_refit_epochs": task_refit_epochs, "target": target, "ema_decay": ema_decay,
+               "calibrate": calibrate}
         if tasks is not None:
             names = [t.strip() for t in tasks.split(",") if t.strip()]
             cli["tasks"] = [] if names in ([], ["none"]) else names

@@ -70,7 +70,7 @@ DISPLAY_NAMES = {
 DESIGN = "cross-validation"
 # What the training of every fold depends on; a resumed run must have the same (see `_guard`).
 GUARDED = ("labels_sha256", "folds", "seed", "val_fraction", "stratify", "mode", "img_size", "epochs", "patience",
-           "batch_size", "lr", "tasks", "task_min_images", "task_weight")
+           "batch_size", "lr", "target", "ema_decay", "calibrate", "tasks", "task_min_images", "task_weight")
 
 Say = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -90,7 +90,8 @@ class CVConfig:
         baselines: classical baselines (registry names; default all registered).
         val_fraction: share of each fold's non-test images, by case, kept for early stopping.
         stratify: label column the folds are stratified by (None: no stratification).
-        mode, img_size, epochs, patience, batch_size, lr: training of every model (`medqm.train.TrainConfig`).
+        mode, img_size, epochs, patience, batch_size, lr, target, ema_decay, calibrate: training of every model
+            (`medqm.train.TrainConfig`).
         tasks, task_min_images, task_weight: the task-conditioned quality outputs every model is trained with
             (`medqm.train.TrainConfig`; None: every answer type with enough images, ``[]``: none).
         cache_dir: frozen-feature cache (default: `medqm.train.data.default_cache_dir`).
@@ -117,6 +118,9 @@ class CVConfig:
     patience: int = 5
     batch_size: int = 64
     lr: float = 1e-3
+    target: str = "loss"
+    ema_decay: float = 0.99
+    calibrate: bool = True
     tasks: Sequence[str] | None = None
     task_min_images: int = 50
     task_weight: float = 0.5
@@ -334,6 +338,7 @@ def _train_folds(cfg: CVConfig, out: Path, splits: list, say: Say, progress: Pro
             tcfg = TrainConfig(labels=str(cfg.labels), out=str(ckpt), model=model,
                                model_kwargs={"img_size": cfg.img_size}, mode=cfg.mode, epochs=cfg.epochs,
                                patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                               target=cfg.target, ema_decay=cfg.ema_decay, calibrate=cfg.calibrate,
                                split_file=str(fold_dir / "split.csv"), cache_dir=cfg.cache_dir, device=cfg.device,
                                tasks=None if cfg.tasks is None else list(cfg.tasks),
                                task_min_images=cfg.task_min_images, task_weight=cfg.task_weight)

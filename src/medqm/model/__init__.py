@@ -8,6 +8,7 @@ ablations), load a trained checkpoint folder with `MedQMI.from_pretrained`, and 
 from ._registry import create_model, is_model, list_models, model_default_cfg, register_model
 from .medqm_i import (
     ABLATIONS,
+    TARGETS,
     GatedMoE,
     ImplicitQueries,
     MedQMI,
@@ -15,6 +16,7 @@ from .medqm_i import (
     Router,
     TextualPriors,
     default_cfgs,
+    target_log_loss,
     task_column,
     variant_kind,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "ABLATIONS",
     "variant_kind",
     "task_column",
+    "TARGETS",
+    "target_log_loss",
     "default_cfgs",
     "PromptBank",
     "load_prompt_bank",

@@ -56,6 +56,10 @@ TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # timm's pretrained config for tf_efficientnet_lite0 (TF "inception" normalisation)
 _BACKBONE_MEAN = (0.5, 0.5, 0.5)
 _BACKBONE_STD = (0.5, 0.5, 0.5)
+_LN2 = math.log(2.0)  # the default quality map (medqm.label.quality.DEFAULT_MAP): Q = σ((ln 2 − D) / (ln 2 / ln 9))
+TARGETS = ("quality", "loss")
+# Fields a 'quality'-target config does not write, so checkpoints from before targets existed keep their config.
+_TARGET_FIELDS = ("target", "loss_eps", "target_loc", "target_scale", "quality_map")
 
 
 @dataclass
@@ -85,6 +89,15 @@ class MedQMIConfig:
             one (``task_scores``): per task, σ(logit(overall quality) + a linear map of the fused representation the
             overall head reads), the linear map starting at zero (every task starts at the overall quality).
             Empty (the default, and every checkpoint written before tasks existed): the overall quality only.
+        target: what the head regresses. ``'quality'`` (every checkpoint written before targets existed): each
+            expert ends in a sigmoid and the mixture is the quality. ``'loss'``: the head regresses
+            z = (y − target_loc) / target_scale with y = −asinh(D / (2 · loss_eps)) the diagnostic loss D (nats)
+            on a log scale (≈ −ln(D / loss_eps) above loss_eps, linear below it, defined for negative D too),
+            and the quality is the label set's sigmoid map of D, σ((c − D) / s) with (c, s) = ``quality_map``.
+            On KL labels most images lie within a few hundredths of a nat of "unchanged", where the quality
+            scale is flat: a quality regression cannot order them, a log-loss one can (docs/medqm-i.md).
+        loss_eps, target_loc, target_scale, quality_map: the ``'loss'`` target's scale (nats), the training
+            targets' mean and standard deviation of y (set by the trainer), and the quality map (center, scale).
     """
 
     img_size: int = 224
@@ -108,6 +121,11 @@ class MedQMIConfig:
     top_k: int = 2
     drop_rate: float = 0.1
     tasks: tuple[str, ...] = ()
+    target: str = "quality"
+    loss_eps: float = 1e-3
+    target_loc: float = 0.0
+    target_scale: float = 1.0
+    quality_map: tuple[float, float] = (_LN2, _LN2 / math.log(9.0))
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -143,6 +161,18 @@ class MedQMIConfig:
             raise ValueError(f"num_implicit must be >= 1 when use_implicit, got {self.num_implicit}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        self.quality_map = tuple(float(v) for v in self.quality_map)
+        if not (len(self.quality_map) == 2 and all(math.isfinite(v) for v in self.quality_map)
+                and self.quality_map[1] > 0):
+            raise ValueError(f"quality_map must be (center, scale) with a positive scale, got {self.quality_map}")
+        for name in ("loss_eps", "target_scale"):
+            v = float(getattr(self, name))
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if not math.isfinite(float(self.target_loc)):
+            raise ValueError(f"target_loc must be finite, got {self.target_loc!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -151,6 +181,11 @@ class MedQMIConfig:
             d["tasks"] = list(self.tasks)
         else:  # a model without tasks writes the config it wrote before tasks existed (same ONNX export digest)
             del d["tasks"]
+        if self.target == "quality":  # likewise for the target fields
+            for k in _TARGET_FIELDS:
+                del d[k]
+        else:
+            d["quality_map"] = list(self.quality_map)
         return d
 
     @classmethod
@@ -160,6 +195,16 @@ class MedQMIConfig:
         if unknown:
             raise ValueError(f"unknown MedQM-I config keys {unknown}; this medqm ({__version__}) knows {sorted(known)}")
         return cls(**d)
+
+
+def target_log_loss(quality, cfg: MedQMIConfig) -> np.ndarray:
+    """y = −asinh(D / (2 · loss_eps)) of qualities (NaN kept), D the diagnostic loss under ``cfg.quality_map``:
+    the ``'loss'`` target before standardisation (the trainer's ``target_loc`` / ``target_scale`` are its mean
+    and standard deviation over the training images)."""
+    q = np.clip(np.asarray(quality, dtype=np.float64), 1e-12, 1 - 1e-12)
+    c, s = cfg.quality_map
+    d = c - s * (np.log(q) - np.log1p(-q))
+    return -np.arcsinh(d / (2.0 * cfg.loss_eps))
 
 
 def task_column(task: str) -> str:
@@ -324,29 +369,37 @@ class Router(nn.Module):
 
 
 class GatedMoE(nn.Module):
-    """Mixture of expert regressors: score = Σ_e gate_e · sigmoid(expert_e(x)), in [0, 1]."""
+    """Mixture of expert regressors: Σ_e gate_e · sigmoid(expert_e(x)), in [0, 1] (``squash``), else
+    Σ_e gate_e · expert_e(x)."""
 
-    def __init__(self, dim: int, num_experts: int, hidden: int, gating: str = "softmax", top_k: int = 2):
+    def __init__(self, dim: int, num_experts: int, hidden: int, gating: str = "softmax", top_k: int = 2,
+                 squash: bool = True):
         super().__init__()
+        self.squash = squash
         self.router = Router(dim, num_experts, gating, top_k)
         self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
                                      for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor):
         gates, balance = self.router(x)
-        preds = torch.cat([torch.sigmoid(e(x)) for e in self.experts], dim=-1)  # B, E
+        preds = torch.cat([e(x) for e in self.experts], dim=-1)  # B, E
+        if self.squash:
+            preds = torch.sigmoid(preds)
         return (gates * preds).sum(-1), gates, balance, preds
 
 
 class RegressionHead(nn.Module):
     """Single regressor (the no-MoE ablation); reports one expert with weight 1 and no balance loss."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, squash: bool = True):
         super().__init__()
+        self.squash = squash
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor):
-        pred = torch.sigmoid(self.mlp(x))
+        pred = self.mlp(x)
+        if self.squash:
+            pred = torch.sigmoid(pred)
         return pred.squeeze(-1), torch.ones_like(pred), x.new_zeros(()), pred
 
 
@@ -423,10 +476,11 @@ class MedQMI(nn.Module):
         n_parts = 1 + (self.priors is not None) + (self.implicit is not None)
         self.fuse = nn.Sequential(nn.Linear(n_parts * D, D), nn.GELU(), nn.LayerNorm(D))
         self.head_drop = nn.Dropout(cfg.drop_rate)
+        squash = cfg.target == "quality"
         if cfg.head == "moe":
-            self.head = GatedMoE(D, cfg.num_experts, cfg.expert_hidden, cfg.gating, cfg.top_k)
+            self.head = GatedMoE(D, cfg.num_experts, cfg.expert_hidden, cfg.gating, cfg.top_k, squash=squash)
         else:
-            self.head = RegressionHead(D, cfg.expert_hidden)
+            self.head = RegressionHead(D, cfg.expert_hidden, squash=squash)
         # one linear head per task (the rows of one Linear), a correction to the overall quality's logit; absent
         # without tasks, so checkpoints written before tasks existed keep their exact state dict
         self.task_head = nn.Linear(D, len(cfg.tasks)) if cfg.tasks else None
@@ -510,23 +564,50 @@ class MedQMI(nn.Module):
         return self.cfg.tasks
 
     def forward_head(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The head on the fused representation: ``score``, ``gates``, ``balance_loss``, ``expert_scores`` (qualities)
+        and ``raw`` (what the head regresses: the quality itself, or z for the ``'loss'`` target), with tasks
+        ``task_scores`` and ``task_raw`` likewise."""
         x = self.head_drop(fused)
-        score, gates, balance, experts = self.head(x)
-        out = {"score": score, "gates": gates, "balance_loss": balance, "expert_scores": experts}
+        raw, gates, balance, experts = self.head(x)
+        out = {"score": self.raw_to_quality(raw), "gates": gates, "balance_loss": balance,
+               "expert_scores": self.raw_to_quality(experts), "raw": raw}
         if self.task_head is not None:
-            out["task_scores"] = self.task_scores(x, score)
+            out["task_raw"] = self.task_raw(x, raw)
+            out["task_scores"] = self.raw_to_quality(out["task_raw"])
         return out
 
-    def task_scores(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        """The per-task qualities (B, T) from the head's input ``x`` (B, D) and the overall quality ``score`` (B,).
+    def task_raw(self, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """The per-task head outputs (B, T) from the head's input ``x`` (B, D) and the overall output ``raw`` (B,).
 
-        Task t: σ(logit(score) + w_t·x + b_t). The overall quality enters detached, so the task losses never move
-        the overall head; what a task learns is how far its quality departs from the average.
+        Task t: ``'loss'`` target, z + w_t·x + b_t; ``'quality'`` target, σ(logit(quality) + w_t·x + b_t). The
+        overall output enters detached, so the task losses never move the overall head; what a task learns is
+        how far its quality departs from the average.
         """
         if self.task_head is None:
             raise ValueError("this model has no tasks (MedQMIConfig.tasks is empty)")
-        base = torch.logit(score.detach().float().clamp(1e-6, 1 - 1e-6)).to(x.dtype)
+        if self.cfg.target == "loss":
+            return raw.detach().unsqueeze(-1) + self.task_head(x)
+        base = torch.logit(raw.detach().float().clamp(1e-6, 1 - 1e-6)).to(x.dtype)
         return torch.sigmoid(base.unsqueeze(-1) + self.task_head(x))
+
+    def raw_to_quality(self, raw: torch.Tensor) -> torch.Tensor:
+        """The head's output → quality in [0, 1]: the identity for the ``'quality'`` target; for ``'loss'``,
+        y = loc + scale·z, D = −2·eps·sinh(y), Q = σ((c − D) / s)."""
+        cfg = self.cfg
+        if cfg.target == "quality":
+            return raw
+        y = (cfg.target_loc + cfg.target_scale * raw.float()).clamp(-30.0, 30.0)
+        d = -2.0 * cfg.loss_eps * torch.sinh(y)
+        c, s = cfg.quality_map
+        return (0.5 * (1.0 - torch.tanh((d - c) / (2.0 * s)))).to(raw.dtype)
+
+    def quality_to_raw(self, quality) -> np.ndarray:
+        """Quality targets (array-like in [0, 1], NaN kept) → what the head regresses (float32; the inverse of
+        `raw_to_quality`, qualities clipped to [1e-12, 1 − 1e-12] so that 0 and 1 stay finite)."""
+        q = np.asarray(quality, dtype=np.float64)
+        if self.cfg.target == "quality":
+            return q.astype(np.float32)
+        return ((target_log_loss(q, self.cfg) - self.cfg.target_loc) / self.cfg.target_scale).astype(np.float32)
 
     def forward(self, x: torch.Tensor | None = None, *, backbone_features: list[torch.Tensor] | None = None,
                 return_heatmap: bool = False) -> dict[str, torch.Tensor]:
@@ -674,7 +755,7 @@ def medqm_i_baseline(**kwargs) -> MedQMI:
     return _create_medqm_i("medqm_i_baseline", **kwargs)
 
 
-__all__ = ["MedQMI", "MedQMIConfig", "task_column", "TASK_NAME",
+__all__ = ["MedQMI", "MedQMIConfig", "task_column", "TASK_NAME", "TARGETS", "target_log_loss",
            "TextualPriors", "ImplicitQueries", "GatedMoE", "Router", "RegressionHead",
            "CrossAttention", "QueryBlock", "ImageTokenizer", "sincos_pos_embed_2d", "default_cfgs", "ABLATIONS",
            "create_model", "model_default_cfg"]

@@ -85,7 +85,10 @@ class QualityLoss(torch.nn.Module):
 
     def forward(self, out: dict[str, torch.Tensor], target: torch.Tensor,
                 task_target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        pred = out["score"].float()
+        """``out``: the model's outputs; the terms compare what its head regresses (``raw`` and ``task_raw``, the
+        scores themselves for outputs without them) with ``target`` / ``task_target`` on that scale
+        (`medqm.model.MedQMI.quality_to_raw`)."""
+        pred = out.get("raw", out["score"]).float()
         target = target.float()
         reg, rank = self._fit_terms(pred, target)
         balance = out["balance_loss"].float() - 1.0 if out["gates"].shape[-1] > 1 else pred.sum() * 0
@@ -94,7 +97,7 @@ class QualityLoss(torch.nn.Module):
         if task_target is not None and task_target.shape[-1] > 0:
             if "task_scores" not in out:
                 raise ValueError("task targets were given but the model has no task outputs (MedQMIConfig.tasks)")
-            tasks = self.task_loss(out["task_scores"], task_target)
+            tasks = self.task_loss(out.get("task_raw", out["task_scores"]), task_target)
             total = total + self.w_task * tasks
             terms.append(("tasks", tasks))
         return total, {k: float(v.detach()) for k, v in [("loss", total), *terms]}

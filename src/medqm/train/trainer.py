@@ -43,6 +43,12 @@ import numpy as np
 
 from medqm.metrics import correlations, grouped_correlations
 
+# QualityLoss weights by target (`TrainConfig.target`): the MSE weight matches the spread of what is regressed.
+DEFAULT_LOSS: dict[str, dict[str, Any]] = {
+    "quality": {"w_reg": 10.0, "w_rank": 1.0, "rank": "plcc", "w_balance": 0.01},
+    "loss": {"w_reg": 1.0, "w_rank": 1.0, "rank": "plcc", "w_balance": 0.01},
+}
+
 
 @dataclass
 class TrainConfig:
@@ -60,8 +66,23 @@ class TrainConfig:
             to ``min_lr_ratio`` × lr, stepped per batch.
         patience: stop after this many epochs without a better validation SRCC (0: never stop early); without
             a validation part the training-set SRCC is used.
-        loss: QualityLoss weights (w_reg, w_rank, rank, w_balance).
+        target: what the model's head regresses (`medqm.model.MedQMIConfig.target`): ``'loss'`` (default) the
+            diagnostic loss on a log scale, standardised on the training images; ``'quality'`` the quality itself
+            (every model trained before targets existed). The scores are qualities either way.
+        loss: QualityLoss weights (w_reg, w_rank, rank, w_balance), applied to what the head regresses; None
+            (default): the target's defaults, `DEFAULT_LOSS` (MSE weight 10 for qualities, whose spread is a few
+            hundredths; 1 for the standardised log loss).
         backbone_lr_mult: learning-rate factor for the backbone when fine-tuning.
+        calibrate: ``'loss'`` target only: after training, fit y ≈ a + b·(head output) by least squares on the
+            validation images (the best epoch's weights) and fold it into the model's ``target_loc`` /
+            ``target_scale``, so that the scores are on the label scale rather than shrunk towards the mean by
+            early stopping (models of different folds or seeds then agree in scale); skipped without a
+            validation part of at least 20 images or when the fitted slope is not positive.
+        ema_decay: keep an exponential moving average of the weights (timm's ``ModelEmaV3``, updated every step
+            with this decay, reached after a warm-up in which it is the plain mean of the steps so far) and
+            evaluate, keep and save the averaged weights instead of the last ones; 0: off.
+            On a few thousand images one epoch's weights are noisy, and which epoch looks best on a small
+            validation part is noisier still; the average over the last ~1 / (1 − decay) steps is steadier.
         device: ``'cpu'``, ``'cuda'``, ``'cuda:N'``; amp: bfloat16 autocast on CUDA.
         cache_dir: frozen-feature cache (default ``~/.cache/medqm/features`` or ``$MEDQM_CACHE``).
         max_images: train on a seeded random subset of this many images (spread over the parts); for quick runs.
@@ -92,9 +113,11 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     patience: int = 6
-    loss: dict[str, Any] = field(default_factory=lambda: {"w_reg": 10.0, "w_rank": 1.0, "rank": "plcc",
-                                                          "w_balance": 0.01})
+    target: str = "loss"
+    loss: dict[str, Any] | None = None
     backbone_lr_mult: float = 0.1
+    calibrate: bool = True
+    ema_decay: float = 0.99
     device: str = "cpu"
     amp: bool = True
     cache_dir: str | None = None
@@ -108,6 +131,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in ("frozen", "finetune"):
             raise ValueError(f"mode must be 'frozen' or 'finetune', got {self.mode!r}")
+        if self.target not in DEFAULT_LOSS:
+            raise ValueError(f"target must be one of {sorted(DEFAULT_LOSS)}, got {self.target!r}")
+        if "target" in self.model_kwargs and self.model_kwargs["target"] != self.target:
+            raise ValueError(f"model_kwargs sets target={self.model_kwargs['target']!r} but the training's target is "
+                             f"{self.target!r}; set TrainConfig.target")
+        self.loss = {**DEFAULT_LOSS[self.target], **(self.loss or {})}
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -193,6 +224,9 @@ class _Run:
     targets: np.ndarray | None = None
     tasks: list[str] = field(default_factory=list)  # answer types with their own output
     task_targets: np.ndarray | None = None  # (rows, tasks) per-task quality targets, NaN where absent
+    quality_map: tuple[float, float] | None = None  # (center, scale) when every label row has the same one
+    fit_targets: np.ndarray | None = None  # ``targets`` as the head regresses them (MedQMI.quality_to_raw)
+    fit_task_targets: np.ndarray | None = None  # ``task_targets`` likewise
     model: Any = None
     cache: Any = None  # FeatureCache (frozen mode)
     keys: np.ndarray | None = None  # feature-cache key of every row (frozen mode)
@@ -253,11 +287,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = print,
     if rank == 0:
         run.model.load_state_dict(best.state)
         run.model.to(device)
+        calibration = _calibrate(run)
         refit = _refit_task_heads(run)
         if len(run.parts["test"]):
             result_test = _test(run)
         if refit:
             result_test["task_refit"] = refit
+        if calibration:
+            result_test["calibration"] = calibration
         _save(run, best, result_test, len(history))
     if run.distributed:
         torch.distributed.barrier()
@@ -291,6 +328,7 @@ def _load_rows(run: _Run) -> dict[str, Any]:
     cfg = run.cfg
     labels = read_labels(cfg.labels)
     rows, dropped = training_rows(labels)
+    run.quality_map = _shared_map(labels)
     if dropped:
         run.say(f"note: {dropped} label rows dropped (no quality or image file missing)")
     split = load_split(cfg.split_file) if cfg.split_file else make_split(rows, fractions=cfg.fractions, seed=cfg.seed)
@@ -308,6 +346,14 @@ def _load_rows(run: _Run) -> dict[str, Any]:
     run.rows, run.parts, run.targets = rows, parts, rows["quality"].to_numpy(np.float32)
     _choose_tasks(run, counted)
     return labels.attrs.get("medqm", {})
+
+
+def _shared_map(labels) -> tuple[float, float] | None:
+    """(map_center, map_scale) when every label row that has them has the same pair, else None."""
+    if "map_center" not in labels or "map_scale" not in labels:
+        return None
+    pairs = labels[["map_center", "map_scale"]].dropna().drop_duplicates()
+    return (float(pairs.iloc[0, 0]), float(pairs.iloc[0, 1])) if len(pairs) == 1 else None
 
 
 def _choose_tasks(run: _Run, counted) -> None:
@@ -343,7 +389,10 @@ def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
     from medqm.model import create_model
 
     cfg = run.cfg
-    model = create_model(cfg.model, **{**cfg.model_kwargs, "tasks": list(run.tasks)})
+    kwargs = {**cfg.model_kwargs, "tasks": list(run.tasks), "target": cfg.target}
+    if cfg.target == "loss":
+        kwargs.update(_loss_target_scale(run, label_meta))
+    model = create_model(cfg.model, **kwargs)
     model.cfg.meta.update({"trained_on": {
         "labels": str(Path(cfg.labels).resolve()), "label_model_id": label_meta.get("model_id"),
         "label_model_revision": label_meta.get("model_revision"), "quality_map": label_meta.get("quality_map"),
@@ -353,11 +402,35 @@ def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
     }})
     model.set_backbone_trainable(not run.frozen)
     model.to(run.device)
+    # from the float64 label columns: near Q = 0.9 a float32 quality resolves the loss only to ~1e-7 nats
+    from medqm.model import task_column
+
+    run.fit_targets = model.quality_to_raw(run.rows["quality"].to_numpy(np.float64))
+    run.fit_task_targets = (model.quality_to_raw(run.rows[[task_column(t) for t in run.tasks]].to_numpy(np.float64))
+                            if run.tasks else np.zeros((len(run.rows), 0), np.float32))
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.say(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters, "
             f"{n_train / 1e6:.2f} M trained ({cfg.mode} backbone)")
     run.model = model
+
+
+def _loss_target_scale(run: _Run, label_meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``'loss'`` target's settings: the rows' quality map (the label set's when the rows do not share one; any
+    map inverts the qualities consistently, only the meaning of ``loss_eps`` depends on it), and the mean and
+    standard deviation of
+    y = −asinh(D / 2·eps) over the training images (so the head starts regressing a standardised value)."""
+    from medqm.label.quality import DEFAULT_MAP
+    from medqm.model import MedQMIConfig, target_log_loss
+
+    qm = label_meta.get("quality_map") or {}
+    qmap = run.quality_map or (float(qm.get("center", DEFAULT_MAP.center)), float(qm.get("scale", DEFAULT_MAP.scale)))
+    probe = MedQMIConfig(target="loss", quality_map=qmap, **{k: v for k, v in run.cfg.model_kwargs.items()
+                                                             if k == "loss_eps"})
+    y = target_log_loss(run.rows["quality"].to_numpy(np.float64)[run.parts["train"]], probe)
+    sd = float(np.std(y))
+    return {"quality_map": qmap, "loss_eps": probe.loss_eps, "target_loc": float(np.mean(y)),
+            "target_scale": sd if sd > 1e-6 else 1.0}
 
 
 def _prepare_features(run: _Run, progress: Callable[[str, int, int], None] | None) -> None:
@@ -432,11 +505,12 @@ def _batches(run: _Run, idx: np.ndarray, shuffle: bool, epoch: int = 0):
         yield idx[j.numpy()], x
 
 
-def _predict(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores, expert gates and task scores (rows × tasks) of the rows ``idx`` (the bare model, eval mode)."""
+def _predict(run: _Run, idx: np.ndarray, model=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, expert gates and task scores (rows × tasks) of the rows ``idx`` by ``model`` (default: the bare
+    trained model), in eval mode."""
     import torch
 
-    model, n = run.model, len(run.rows)
+    model, n = model if model is not None else run.model, len(run.rows)
     model.eval()
     preds, gates = np.zeros(n, np.float32), np.zeros((n, model.num_experts), np.float32)
     tasks = np.zeros((n, len(run.tasks)), np.float32)
@@ -450,9 +524,43 @@ def _predict(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return preds[idx], gates[idx], tasks[idx]
 
 
+MIN_CALIBRATION_IMAGES = 20
+
+
+def _calibrate(run: _Run) -> dict[str, Any] | None:
+    """Rank 0, after the best weights are back (``'loss'`` target): the least-squares line from the head's output
+    to the standardised target on the validation images, folded into ``target_loc`` / ``target_scale``; the
+    training targets are re-expressed on the new scale (the task-head refit uses them). None when skipped."""
+    cfg, model = run.cfg, run.model
+    val = np.array(run.parts["val"])
+    if not cfg.calibrate or model.cfg.target != "loss" or len(val) < MIN_CALIBRATION_IMAGES:
+        return None
+    _, raw = _fused(run, val)
+    x, t = raw[val].astype(np.float64), run.fit_targets[val].astype(np.float64)
+    if float(np.std(x)) < 1e-8:
+        return None
+    slope, intercept = np.polyfit(x, t, 1)
+    if not slope > 0:
+        run.say(f"calibration skipped: the validation fit has slope {slope:.3f}")
+        return None
+    mc = model.cfg
+    before = {"target_loc": mc.target_loc, "target_scale": mc.target_scale}
+    mc.target_loc, mc.target_scale = float(mc.target_loc + mc.target_scale * intercept), float(mc.target_scale * slope)
+    run.fit_targets = model.quality_to_raw(run.rows["quality"].to_numpy(np.float64))
+    if run.tasks:
+        from medqm.model import task_column
+
+        run.fit_task_targets = model.quality_to_raw(run.rows[[task_column(t) for t in run.tasks]].to_numpy(np.float64))
+    out = {"on": "val", "n": int(len(val)), "slope": float(slope), "intercept": float(intercept), "before": before}
+    run.say(f"calibrated on {len(val)} validation images: y = {intercept:+.3f} + {slope:.3f} × output "
+            f"(target_loc {before['target_loc']:.3f} -> {mc.target_loc:.3f}, "
+            f"target_scale {before['target_scale']:.3f} -> {mc.target_scale:.3f})")
+    return out
+
+
 def _fused(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The head's input (rows × D, eval mode: no dropout) and the overall quality of the rows ``idx``, indexed by
-    row like ``run.rows``."""
+    """The head's input (rows × D, eval mode: no dropout) and the head's overall output (``raw``) of the rows
+    ``idx``, indexed by row like ``run.rows``."""
     import torch
 
     model, n = run.model, len(run.rows)
@@ -465,7 +573,7 @@ def _fused(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             else:
                 f = model.forward_features(x.to(run.device))
             fused[bi] = f["fused"].float().cpu().numpy()
-            score[bi] = model.forward_head(f["fused"])["score"].float().cpu().numpy()
+            score[bi] = model.forward_head(f["fused"])["raw"].float().cpu().numpy()
     return fused, score
 
 
@@ -487,18 +595,19 @@ def _refit_task_heads(run: _Run) -> dict[str, Any] | None:
         return None
     t0 = time.perf_counter()
     has_val = len(run.parts["val"]) >= 3
-    train_idx, eval_idx = run.parts["train"], run.parts["val"] if has_val else run.parts["train"]
-    fused_np, score_np = _fused(run, np.concatenate([train_idx, run.parts["val"]]))
+    # writable copies: indexing a tensor with a read-only array (pandas' index) makes torch warn
+    train_idx, eval_idx = np.array(run.parts["train"]), np.array(run.parts["val"] if has_val else run.parts["train"])
+    fused_np, raw_np = _fused(run, np.concatenate([train_idx, run.parts["val"]]))
     # copies: the cached arrays may be read-only, which torch.from_numpy warns about
-    fused, score = torch.tensor(fused_np, device=run.device), torch.tensor(score_np, device=run.device)
-    targets = torch.from_numpy(run.task_targets).to(run.device)
+    fused, raw = torch.tensor(fused_np, device=run.device), torch.tensor(raw_np, device=run.device)
+    targets = torch.tensor(run.fit_task_targets, device=run.device)
     head = model.task_head
     criterion = QualityLoss(**{**cfg.loss, "w_task": 1.0})
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def mean_eval_srcc() -> tuple[float, dict[str, float]]:
         with torch.no_grad():
-            pred = model.task_scores(fused[eval_idx], score[eval_idx]).cpu().numpy()
+            pred = model.raw_to_quality(model.task_raw(fused[eval_idx], raw[eval_idx])).cpu().numpy()
         per = {t: m["srcc"] for t, m in task_correlations(pred, run.task_targets[eval_idx], run.tasks).items()}
         ok = [v for v in per.values() if np.isfinite(v)]
         return (float(np.mean(ok)) if ok else -math.inf), per
@@ -511,7 +620,7 @@ def _refit_task_heads(run: _Run) -> dict[str, Any] | None:
         np.random.default_rng(cfg.seed + 7919 * epoch).shuffle(order)
         for i in range(0, len(order), cfg.batch_size):
             b = torch.from_numpy(order[i : i + cfg.batch_size]).to(run.device)
-            loss = criterion.task_loss(model.task_scores(fused[b], score[b]), targets[b])
+            loss = criterion.task_loss(model.task_raw(fused[b], raw[b]), targets[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -561,12 +670,20 @@ def _fit(run: _Run, progress: Callable[[str, int, int], None] | None) -> tuple[l
     has_val = len(run.parts["val"]) >= 3
     if not has_val:
         say("note: fewer than 3 validation images; the best epoch and early stopping use the training-set SRCC")
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        # warm-up power 1: the plain mean of all weights so far until that mean's decay, 1 − 1/(step + 1), reaches
+        # ema_decay; so a short training is averaged over its own steps, not pulled back to its initial weights
+        ema = ModelEmaV3(run.model, decay=cfg.ema_decay, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0)
     lr = opt.param_groups[0]["initial_lr"]
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        row = _train_epoch(run, train_model, opt, schedule, criterion, epoch, lr)
+        row = _train_epoch(run, train_model, opt, schedule, criterion, epoch, lr, ema, steps_per_epoch)
         lr = row["lr"]
-        improved = _evaluate_epoch(run, row, best, has_val) if run.rank == 0 else False
+        evaluated = run.model if ema is None else ema.module
+        improved = _evaluate_epoch(run, row, best, has_val, evaluated) if run.rank == 0 else False
         row["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(row)
         if run.rank == 0:
@@ -591,9 +708,10 @@ def _wrap_distributed(run: _Run):
                find_unused_parameters=run.model.cfg.gating == "noisy_topk")
 
 
-def _train_epoch(run: _Run, train_model, opt, schedule, criterion, epoch: int, lr: float) -> dict[str, Any]:
-    """One pass over this rank's training batches; the epoch's row with the last step's lr (``lr`` when the
-    epoch had no batch) and the mean loss terms."""
+def _train_epoch(run: _Run, train_model, opt, schedule, criterion, epoch: int, lr: float,
+                 ema=None, steps_per_epoch: int = 0) -> dict[str, Any]:
+    """One pass over this rank's training batches (updating the weight average ``ema`` after every step); the
+    epoch's row with the last step's lr (``lr`` when the epoch had no batch) and the mean loss terms."""
     import torch
 
     run.model.train()
@@ -602,13 +720,15 @@ def _train_epoch(run: _Run, train_model, opt, schedule, criterion, epoch: int, l
     for bi, x in _batches(run, run.parts["train"], shuffle=True, epoch=epoch):
         lr = opt.param_groups[0]["lr"]
         o = _forward(run, train_model, bi, x)
-        task_target = torch.from_numpy(run.task_targets[bi]).to(run.device) if run.tasks else None
-        loss, terms = criterion(o, torch.from_numpy(run.targets[bi]).to(run.device), task_target)
+        task_target = torch.from_numpy(run.fit_task_targets[bi]).to(run.device) if run.tasks else None
+        loss, terms = criterion(o, torch.from_numpy(run.fit_targets[bi]).to(run.device), task_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
         opt.step()
         schedule.step()
+        if ema is not None:
+            ema.update(run.model, step=(epoch - 1) * steps_per_epoch + nb + 1)
         nb += 1
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -617,18 +737,18 @@ def _train_epoch(run: _Run, train_model, opt, schedule, criterion, epoch: int, l
     return row
 
 
-def _evaluate_epoch(run: _Run, row: dict[str, Any], best: _EarlyStopping, has_val: bool) -> bool:
-    """Rank 0: the epoch's validation metrics (training-set ones without a validation part) into ``row``;
-    True when the epoch is the best so far."""
+def _evaluate_epoch(run: _Run, row: dict[str, Any], best: _EarlyStopping, has_val: bool, model) -> bool:
+    """Rank 0: the validation metrics of ``model`` (the trained model or its weight average; training-set
+    metrics without a validation part) into ``row``; True when the epoch is the best so far."""
     eval_idx = run.parts["val"] if has_val else run.parts["train"]
-    pv, gv, tv = _predict(run, eval_idx)
+    pv, gv, tv = _predict(run, eval_idx, model)
     m = correlations(pv, run.targets[eval_idx])
     prefix = "val" if has_val else "train_eval"
     row.update({f"{prefix}_{k}": v for k, v in m.items() if k != "n"})
     for t, tm in task_correlations(tv, run.task_targets[eval_idx], run.tasks).items():
         row[f"{prefix}_srcc_{t}"] = tm["srcc"]
     row["expert_load"] = json.dumps([round(float(v), 4) for v in gv.mean(0)])
-    return best.update(row["epoch"], m, run.model)
+    return best.update(row["epoch"], m, model)
 
 
 def _should_stop(run: _Run, best: _EarlyStopping) -> bool:
