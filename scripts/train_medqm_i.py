@@ -128,12 +128,15 @@ def install(src: Path, summary: dict) -> Path:
     for name in CHECKPOINT_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    MedQMI.from_pretrained(dst)  # loads: the copy is a whole checkpoint
+    cfg = MedQMI.from_pretrained(dst).cfg  # loads: the copy is a whole checkpoint
     r = summary["models"]["medqm_i"]
+    head = ("Its head regresses the diagnostic loss on a log scale (target 'loss', docs/medqm-i.md \"What the head "
+            "regresses\"), calibrated on its validation cases; scores are the quality map of the predicted loss."
+            if cfg.target == "loss" else "Its head regresses the quality itself (target 'quality').")
     (dst / "MODEL_CARD.md").write_text(
         "# MedQM-I default checkpoint (medqm-i-demo)\n\n"
         f"Trained by `{summary['command']}` on the label set {summary['labels']} "
-        f"(labelled by {summary['label_model_id']!r}), frozen ImageNet EfficientNet-Lite0 backbone.\n\n"
+        f"(labelled by {summary['label_model_id']!r}), frozen ImageNet EfficientNet-Lite0 backbone. {head}\n\n"
         f"Held-out cases: SRCC {r['test_srcc']:.4f}, PLCC_raw {r['test_plcc_raw']:.4f}, KRCC {r['test_krcc']:.4f}, "
         f"RMSE_raw {r['test_rmse_raw']:.4f} (n = {r['test_n']}); split in split.csv, "
         "per-epoch metrics in metrics.csv.\n\n"
