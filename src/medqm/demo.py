@@ -155,7 +155,7 @@ class DemoConfig:
         self.models, self.baselines, self.modalities = list(self.models), list(self.baselines), list(self.modalities)
 
 
-# Sizes of the two presets. `full` is what `make demo` runs (≈ 1,500 distorted images, ≤ 15 min on 2 CPU
+# Sizes of the two presets. `full` is what `make demo` runs (1,611 distorted images, ≈ 13 min on 2 CPU
 # cores, see docs/demo.md); `quick` exercises every stage on a handful of images (the end-to-end test).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},

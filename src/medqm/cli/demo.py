@@ -19,7 +19,7 @@ def demo(
     tumour_collection: Optional[Path] = typer.Option(None, help="Collection asked the tumour question (default: "
                                                                 "data/br35h, built by `make data`)."),
     tumour_cases: Optional[int] = typer.Option(None, help="Cases (near-duplicate clusters) drawn from the tumour "
-                                                          "collection, half with a tumour (default: 100)."),
+                                                          "collection, half with a tumour (default: 60)."),
     no_tumour: bool = typer.Option(False, "--no-tumour", help="Leave the tumour collection out."),
     threads: Optional[int] = typer.Option(None, help="CPU threads and worker processes (default: all cores)."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of demo settings (medqm.demo.DemoConfig fields: "
