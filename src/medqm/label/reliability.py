@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -51,10 +52,29 @@ def severity_monotonicity(table, *, min_levels: int = 3) -> dict[str, Any]:
     return out
 
 
+def _json_list(value) -> list | None:
+    """A list cell of the label table (JSON text, or a list / array as Parquet may give it); None when empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return json.loads(value) if value.strip() else None
+    return list(value)
+
+
 def _items(v) -> list:
-    if isinstance(v, str):
-        return json.loads(v)
-    return [] if v is None else list(v)
+    return _json_list(v) or []
+
+
+def _item_losses(row) -> list | None:
+    """The row's per-question losses: ``loss_items``, or for label sets written before it (the nll definition)
+    ``nll_dist_items`` − ``nll_ref_items``."""
+    items = _json_list(row.get("loss_items"))
+    if items is not None:
+        return items
+    dist, ref = _json_list(row.get("nll_dist_items")), _json_list(row.get("nll_ref_items"))
+    if dist is None or ref is None or len(dist) != len(ref):
+        return None
+    return [float(a) - float(b) for a, b in zip(dist, ref, strict=True)]
 
 
 def _per_question(t, min_levels: int) -> dict[str, dict[str, float]]:
@@ -124,21 +144,34 @@ def oracle_loco(table, *, label: str = "quality") -> dict[str, Any]:
             "n_uncovered": int((~ok).sum()), "n_cases": len(set(case)), "label": label}
 
 
-def task_losses(table) -> dict[str, np.ndarray]:
-    """Per answer type, each row's mean loss over its questions of that type (NaN where it has none), from the
-    ``answer_types`` and ``loss_items`` columns (the label definition's own per-question terms); empty when
-    the table lacks them."""
-    if not {"answer_types", "loss_items"} <= set(table.columns):
+def task_losses(table, *, bad: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Per answer type (sorted), each row's mean loss over its questions of that type, NaN where it has none.
+
+    The per-question losses are ``loss_items`` (the label definition's own terms), or ``nll_dist_items`` −
+    ``nll_ref_items`` for label sets written before it; non-finite ones are left out. Empty without
+    ``answer_types``. A row whose lists do not match (lengths differ, or not JSON) gets NaN everywhere and,
+    when ``bad`` is a list, an entry ``"<dist_id> (<reason>)"`` there; one bad row never stops the others.
+    """
+    if "answer_types" not in table or len(table) == 0:
         return {}
-    rows = [(_items(a), _items(v)) for a, v in zip(table["answer_types"], table["loss_items"], strict=True)]
-    kinds = sorted({str(k) for at, _ in rows for k in at})
-    out = {k: np.full(len(rows), np.nan) for k in kinds}
-    for i, (at, v) in enumerate(rows):
-        if len(at) != len(v):
-            continue
-        for k in set(at):
-            out[str(k)][i] = float(np.mean([float(x) for a, x in zip(at, v, strict=True) if a == k]))
-    return out
+    per_row: list[dict[str, float]] = []
+    for i, row in enumerate(table.to_dict("records")):
+        sums: dict[str, list[float]] = {}
+        try:
+            types, items = _json_list(row.get("answer_types")), _item_losses(row)
+            if types is not None and items is not None:
+                if len(types) != len(items):
+                    raise ValueError(f"{len(types)} answer types but {len(items)} losses")
+                for t, d in zip(types, items, strict=True):
+                    if d is not None and math.isfinite(float(d)):
+                        sums.setdefault(str(t), []).append(float(d))
+        except (ValueError, TypeError) as e:
+            if bad is not None:
+                bad.append(f"{row.get('dist_id', i)} ({e})")
+            sums = {}
+        per_row.append({t: float(np.mean(v)) for t, v in sums.items()})
+    kinds = sorted({t for r in per_row for t in r})
+    return {k: np.array([r.get(k, np.nan) for r in per_row], dtype=np.float64) for k in kinds}
 
 
 def oracle_by_answer_type(table) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,38 +39,29 @@ def default_cache_dir() -> Path:
     return cache_dir("features")
 
 
-def _json_list(value) -> list | None:
-    """A list cell of the label table (JSON text, or a list / array as Parquet may give it); None when empty."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, str):
-        return json.loads(value) if value.strip() else None
-    return list(value)
+def _set_map(labels) -> tuple[float, float]:
+    """The label set's quality map (``labels.attrs``), else `medqm.label.quality.DEFAULT_MAP`."""
+    from medqm.label.quality import DEFAULT_MAP
+
+    qm = (labels.attrs.get("medqm") or {}).get("quality_map") or {}
+    return float(qm.get("center", DEFAULT_MAP.center)), float(qm.get("scale", DEFAULT_MAP.scale))
 
 
 def _row_maps(labels):
     """Per row (center, scale) of the quality map: the row's map_center/map_scale, else the label set's map."""
-    from medqm.label.quality import DEFAULT_MAP
-
-    qm = (labels.attrs.get("medqm") or {}).get("quality_map") or {}
-    center = float(qm.get("center", DEFAULT_MAP.center))
-    scale = float(qm.get("scale", DEFAULT_MAP.scale))
+    center, scale = _set_map(labels)
     n = len(labels)
     c = labels["map_center"].to_numpy(np.float64) if "map_center" in labels else np.full(n, center)
     s = labels["map_scale"].to_numpy(np.float64) if "map_scale" in labels else np.full(n, scale)
     return np.where(np.isfinite(c), c, center), np.where(np.isfinite(s) & (s > 0), s, scale)
 
 
-def _item_losses(row) -> list | None:
-    """The row's per-question losses: ``loss_items``, or for label sets written before it (the nll definition)
-    ``nll_dist_items`` − ``nll_ref_items``."""
-    items = _json_list(row.get("loss_items"))
-    if items is not None:
-        return items
-    dist, ref = _json_list(row.get("nll_dist_items")), _json_list(row.get("nll_ref_items"))
-    if dist is None or ref is None or len(dist) != len(ref):
-        return None
-    return [float(a) - float(b) for a, b in zip(dist, ref, strict=True)]
+def quality_map_of(labels) -> tuple[float, float]:
+    """The label table's quality map (center, scale): the one its rows share (their ``map_center`` /
+    ``map_scale``, the label set's where a row has none), else the label set's."""
+    centers, scales = _row_maps(labels)
+    pairs = set(zip(centers.tolist(), scales.tolist(), strict=True))
+    return pairs.pop() if len(pairs) == 1 else _set_map(labels)
 
 
 def task_qualities(labels):
@@ -84,33 +74,16 @@ def task_qualities(labels):
     """
     import pandas as pd
 
+    from medqm.label.reliability import task_losses
+
     if "answer_types" not in labels or len(labels) == 0:
         return pd.DataFrame(index=labels.index)
     centers, scales = _row_maps(labels)
-    per_row: list[dict[str, float]] = []
     bad: list[str] = []
-    for i, row in enumerate(labels.to_dict("records")):
-        try:
-            types, items = _json_list(row.get("answer_types")), _item_losses(row)
-            if types is None or items is None:
-                per_row.append({})
-                continue
-            if len(types) != len(items):
-                raise ValueError(f"{len(types)} answer types but {len(items)} losses")
-            sums: dict[str, list[float]] = {}
-            for t, d in zip(types, items, strict=True):
-                if d is not None and math.isfinite(float(d)):
-                    sums.setdefault(str(t), []).append(float(d))
-        except (ValueError, TypeError) as e:
-            bad.append(f"{row.get('dist_id', i)} ({e})")
-            per_row.append({})
-            continue
-        per_row.append({t: float(np.mean(v)) for t, v in sums.items()})
+    losses = pd.DataFrame(task_losses(labels, bad=bad), index=labels.index)
     if bad:
         warnings.warn(f"{len(bad)} label rows have unusable per-question losses, no task targets for them: "
                       + "; ".join(bad[:3]) + (" …" if len(bad) > 3 else ""), stacklevel=2)
-    losses = pd.DataFrame(per_row, index=labels.index)
-    losses = losses.reindex(columns=sorted(losses.columns))
     z = (losses.to_numpy(np.float64) - centers[:, None]) / scales[:, None]
     q = 0.5 * (1.0 - np.tanh(0.5 * z))  # the quality map σ((c − D) / s), as medqm.label.quality.QualityMap
     return pd.DataFrame(q, index=labels.index, columns=losses.columns)
@@ -273,6 +246,7 @@ class ImageDataset:
         return x, self.targets[i], i
 
 
-__all__ = ["FeatureCache", "ImageDataset", "training_rows", "task_qualities", "select_tasks", "MIN_TASK_IMAGES",
+__all__ = ["FeatureCache", "ImageDataset", "training_rows", "task_qualities", "quality_map_of", "select_tasks",
+           "MIN_TASK_IMAGES",
            "load_training_image", "default_cache_dir", "file_digest",
            "PREPROCESS_VERSION"]

@@ -224,7 +224,7 @@ class _Run:
     targets: np.ndarray | None = None
     tasks: list[str] = field(default_factory=list)  # answer types with their own output
     task_targets: np.ndarray | None = None  # (rows, tasks) per-task quality targets, NaN where absent
-    quality_map: tuple[float, float] | None = None  # (center, scale) when every label row has the same one
+    quality_map: tuple[float, float] | None = None  # (center, scale) of the labels (`quality_map_of`)
     fit_targets: np.ndarray | None = None  # ``targets`` as the head regresses them (MedQMI.quality_to_raw)
     fit_task_targets: np.ndarray | None = None  # ``task_targets`` likewise
     model: Any = None
@@ -322,13 +322,13 @@ def _load_rows(run: _Run) -> dict[str, Any]:
     """Read the labels, split them by case (rank 0 saves ``split.csv``); returns the label set's metadata."""
     from medqm.label.runner import read_labels
 
-    from .data import training_rows
+    from .data import quality_map_of, training_rows
     from .split import assign_split, load_split, make_split, save_split
 
     cfg = run.cfg
     labels = read_labels(cfg.labels)
     rows, dropped = training_rows(labels)
-    run.quality_map = _shared_map(labels)
+    run.quality_map = quality_map_of(labels)
     if dropped:
         run.say(f"note: {dropped} label rows dropped (no quality or image file missing)")
     split = load_split(cfg.split_file) if cfg.split_file else make_split(rows, fractions=cfg.fractions, seed=cfg.seed)
@@ -346,14 +346,6 @@ def _load_rows(run: _Run) -> dict[str, Any]:
     run.rows, run.parts, run.targets = rows, parts, rows["quality"].to_numpy(np.float32)
     _choose_tasks(run, counted)
     return labels.attrs.get("medqm", {})
-
-
-def _shared_map(labels) -> tuple[float, float] | None:
-    """(map_center, map_scale) when every label row that has them has the same pair, else None."""
-    if "map_center" not in labels or "map_scale" not in labels:
-        return None
-    pairs = labels[["map_center", "map_scale"]].dropna().drop_duplicates()
-    return (float(pairs.iloc[0, 0]), float(pairs.iloc[0, 1])) if len(pairs) == 1 else None
 
 
 def _choose_tasks(run: _Run, counted) -> None:
@@ -391,8 +383,10 @@ def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
     cfg = run.cfg
     kwargs = {**cfg.model_kwargs, "tasks": list(run.tasks), "target": cfg.target}
     if cfg.target == "loss":
-        kwargs.update(_loss_target_scale(run, label_meta))
+        kwargs["quality_map"] = run.quality_map
     model = create_model(cfg.model, **kwargs)
+    if cfg.target == "loss":
+        _standardise_target(run, model)
     model.cfg.meta.update({"trained_on": {
         "labels": str(Path(cfg.labels).resolve()), "label_model_id": label_meta.get("model_id"),
         "label_model_revision": label_meta.get("model_revision"), "quality_map": label_meta.get("quality_map"),
@@ -402,12 +396,7 @@ def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
     }})
     model.set_backbone_trainable(not run.frozen)
     model.to(run.device)
-    # from the float64 label columns: near Q = 0.9 a float32 quality resolves the loss only to ~1e-7 nats
-    from medqm.model import task_column
-
-    run.fit_targets = model.quality_to_raw(run.rows["quality"].to_numpy(np.float64))
-    run.fit_task_targets = (model.quality_to_raw(run.rows[[task_column(t) for t in run.tasks]].to_numpy(np.float64))
-                            if run.tasks else np.zeros((len(run.rows), 0), np.float32))
+    _set_fit_targets(run, model)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.say(f"model {cfg.model}: {n_params / 1e6:.2f} M parameters, "
@@ -415,22 +404,24 @@ def _build_model(run: _Run, label_meta: dict[str, Any]) -> None:
     run.model = model
 
 
-def _loss_target_scale(run: _Run, label_meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``'loss'`` target's settings: the rows' quality map (the label set's when the rows do not share one; any
-    map inverts the qualities consistently, only the meaning of ``loss_eps`` depends on it), and the mean and
-    standard deviation of
-    y = −asinh(D / 2·eps) over the training images (so the head starts regressing a standardised value)."""
-    from medqm.label.quality import DEFAULT_MAP
-    from medqm.model import MedQMIConfig, target_log_loss
+def _standardise_target(run: _Run, model) -> None:
+    """``'loss'`` target: ``target_loc`` / ``target_scale`` = the mean and standard deviation of the target
+    y = −asinh(D / 2·eps) over the training images, so the head starts regressing a standardised value."""
+    from medqm.model import target_log_loss
 
-    qm = label_meta.get("quality_map") or {}
-    qmap = run.quality_map or (float(qm.get("center", DEFAULT_MAP.center)), float(qm.get("scale", DEFAULT_MAP.scale)))
-    probe = MedQMIConfig(target="loss", quality_map=qmap, **{k: v for k, v in run.cfg.model_kwargs.items()
-                                                             if k == "loss_eps"})
-    y = target_log_loss(run.rows["quality"].to_numpy(np.float64)[run.parts["train"]], probe)
+    y = target_log_loss(run.rows["quality"].to_numpy(np.float64)[run.parts["train"]], model.cfg)
     sd = float(np.std(y))
-    return {"quality_map": qmap, "loss_eps": probe.loss_eps, "target_loc": float(np.mean(y)),
-            "target_scale": sd if sd > 1e-6 else 1.0}
+    model.cfg.target_loc, model.cfg.target_scale = float(np.mean(y)), (sd if sd > 1e-6 else 1.0)
+
+
+def _set_fit_targets(run: _Run, model) -> None:
+    """The targets as the head regresses them (`MedQMI.quality_to_raw`), from the float64 label columns: near
+    Q = 0.9 a float32 quality resolves the loss only to ~1e-7 nats."""
+    from medqm.model import task_column
+
+    run.fit_targets = model.quality_to_raw(run.rows["quality"].to_numpy(np.float64))
+    run.fit_task_targets = (model.quality_to_raw(run.rows[[task_column(t) for t in run.tasks]].to_numpy(np.float64))
+                            if run.tasks else np.zeros((len(run.rows), 0), np.float32))
 
 
 def _prepare_features(run: _Run, progress: Callable[[str, int, int], None] | None) -> None:
@@ -546,11 +537,7 @@ def _calibrate(run: _Run) -> dict[str, Any] | None:
     mc = model.cfg
     before = {"target_loc": mc.target_loc, "target_scale": mc.target_scale}
     mc.target_loc, mc.target_scale = float(mc.target_loc + mc.target_scale * intercept), float(mc.target_scale * slope)
-    run.fit_targets = model.quality_to_raw(run.rows["quality"].to_numpy(np.float64))
-    if run.tasks:
-        from medqm.model import task_column
-
-        run.fit_task_targets = model.quality_to_raw(run.rows[[task_column(t) for t in run.tasks]].to_numpy(np.float64))
+    _set_fit_targets(run, model)
     out = {"on": "val", "n": int(len(val)), "slope": float(slope), "intercept": float(intercept), "before": before}
     run.say(f"calibrated on {len(val)} validation images: y = {intercept:+.3f} + {slope:.3f} × output "
             f"(target_loc {before['target_loc']:.3f} -> {mc.target_loc:.3f}, "
@@ -565,7 +552,7 @@ def _fused(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     model, n = run.model, len(run.rows)
     model.eval()
-    fused, score = np.zeros((n, model.cfg.embed_dim), np.float32), np.zeros(n, np.float32)
+    fused, raw = np.zeros((n, model.cfg.embed_dim), np.float32), np.zeros(n, np.float32)
     with torch.inference_mode():
         for bi, x in _batches(run, idx, shuffle=False):
             if run.frozen:
@@ -573,8 +560,8 @@ def _fused(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             else:
                 f = model.forward_features(x.to(run.device))
             fused[bi] = f["fused"].float().cpu().numpy()
-            score[bi] = model.forward_head(f["fused"])["raw"].float().cpu().numpy()
-    return fused, score
+            raw[bi] = model.forward_head(f["fused"])["raw"].float().cpu().numpy()
+    return fused, raw
 
 
 def _refit_task_heads(run: _Run) -> dict[str, Any] | None:
